@@ -1,0 +1,1000 @@
+"""Shared machinery for the geometric-memory reproduction kit.
+
+Everything that two or more claim scripts use lives here as flat functions and small modules:
+graphs, tokens and on-device datasets, models (GPT, Mamba, Node2Vec), the training loop,
+evaluation, geometry metrics, plotting and the run helpers (CLI, seeding, results.json).
+What *defines* a claim (its graph size, schedule, metric threshold, figures) stays in its script.
+
+Glossary of symbols (the paper's notation where it has one)
+    G(d, l)   path-star graph: a root with d disjoint arms; l counts nodes *including* the root,
+              so an arm has l-1 nodes and the graph d*(l-1)+1 nodes.
+    T(d,k,l)  tree-star: root with d children, every non-leaf below them has k children,
+              root-to-leaf paths of l nodes.
+    d         root degree (number of arms); chance for the first path token is 1/d.
+    l         path length in nodes, root included (l-1 hops).
+    N         number of graph nodes; node tokens are 0..N-1, special tokens follow.
+    V         vocabulary size = N + len(SPECIALS).
+    k         number of [PAUSE] tokens after the leaf in a path prompt (or children per node, T).
+    m, D      model width (embedding dimension); H heads; L layers.
+    a1        first hop: the root's child on the queried arm (the "hardest token").
+    E         token-embedding matrix (N x m rows for nodes); W the middle matrix of a 1-layer model.
+    A, Deg    adjacency and degree matrices; L_rw = I - Deg^-1 A (random-walk Laplacian).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are always written to files
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+# ======================================================================================
+# Graphs
+# ======================================================================================
+@dataclass
+class Graph:
+    """A graph with its root-to-leaf paths and a train/test split of those paths.
+
+    edges are undirected, stored once in their "forward" orientation (away from the root for
+    stars and trees; i -> i+1 on the cycle; row-major right/down on the grid)."""
+
+    name: str
+    num_nodes: int
+    edges: np.ndarray  # (E, 2) int64
+    root: int | None = None
+    paths: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (P, l)
+    train_paths: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    test_paths: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+
+    @property
+    def leaves(self) -> np.ndarray:
+        return self.paths[:, -1]
+
+    def adjacency(self, self_edges: bool = False) -> np.ndarray:
+        """Symmetric 0/1 adjacency (N x N), float64; self-loops on the diagonal if asked."""
+        A = np.zeros((self.num_nodes, self.num_nodes))
+        A[self.edges[:, 0], self.edges[:, 1]] = 1.0
+        A[self.edges[:, 1], self.edges[:, 0]] = 1.0
+        if self_edges:
+            A[np.arange(self.num_nodes), np.arange(self.num_nodes)] = 1.0
+        return A
+
+    def degrees(self) -> np.ndarray:
+        return self.adjacency().sum(1).astype(np.int64)
+
+
+def split_paths(paths: np.ndarray, train_ratio: float, seed: int, groups: np.ndarray | None = None):
+    """Seeded split of paths into (train, test). With `groups` (one label per path, e.g. the
+    first hop), whole groups go to one side, so test paths share no group with train paths."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        order = rng.permutation(len(paths))
+        n_train = int(len(paths) * train_ratio)
+        return paths[np.sort(order[:n_train])], paths[np.sort(order[n_train:])]
+    labels = np.unique(groups)
+    labels = labels[rng.permutation(len(labels))]
+    train_labels = labels[: int(len(labels) * train_ratio)]
+    is_train = np.isin(groups, train_labels)
+    return paths[is_train], paths[~is_train]
+
+
+def _star_like(name: str, d: int, k: int, l: int, seed: int, train_ratio: float, split_by_first_hop: bool) -> Graph:
+    """Root with d children; below them every non-leaf node has k children; paths of l nodes.
+    k = 1 gives the path-star G(d, l). Node labels are a seeded random permutation of 0..N-1."""
+    per_arm = sum(k**i for i in range(l - 1))  # nodes below the root in one arm
+    n = 1 + d * per_arm
+    rng = np.random.default_rng(seed)
+    label = rng.permutation(n)  # position in generation order -> node label
+    next_id = iter(range(1, n))
+    paths, edges = [], []
+    for _ in range(d):
+        frontier = [[0, next(next_id)]]  # partial paths in generation order
+        edges.append((0, frontier[0][1]))
+        for _ in range(l - 2):
+            grown = []
+            for p in frontier:
+                for _ in range(k):
+                    child = next(next_id)
+                    edges.append((p[-1], child))
+                    grown.append(p + [child])
+            frontier = grown
+        paths.extend(frontier)
+    paths = label[np.array(paths, dtype=np.int64)]
+    edges = label[np.array(edges, dtype=np.int64)]
+    groups = paths[:, 1] if split_by_first_hop else None
+    train, test = split_paths(paths, train_ratio, seed + 1, groups)
+    return Graph(name, n, edges, int(label[0]), paths, train, test)
+
+
+def path_star(d: int, l: int, seed: int = 0, train_ratio: float = 0.75) -> Graph:
+    """Path-star G(d, l): d(l-1)+1 nodes, d(l-1) edges, d root-to-leaf paths of l nodes."""
+    return _star_like(f"path_star_d{d}_l{l}", d, 1, l, seed, train_ratio, False)
+
+
+def tree_star(d: int, k: int, l: int, seed: int = 0, train_ratio: float = 0.75, split: str = "leaf") -> Graph:
+    """Tree-star T(d, k, l). split="leaf" holds out random leaves (a test path may share its
+    prefix with a training path); split="first-token" holds out whole first-hop subtrees."""
+    return _star_like(f"tree_star_d{d}_k{k}_l{l}", d, k, l, seed, train_ratio, split == "first-token")
+
+
+def _walk_paths(edges: np.ndarray, n: int, l: int, seed: int) -> np.ndarray:
+    """One non-backtracking random walk of l nodes from every node (tiny graphs' path set)."""
+    nbrs = [[] for _ in range(n)]
+    for u, v in edges:
+        nbrs[u].append(int(v))
+        nbrs[v].append(int(u))
+    rng = np.random.default_rng(seed)
+    paths = []
+    for start in range(n):
+        p = [start]
+        while len(p) < l:
+            options = [v for v in nbrs[p[-1]] if len(p) < 2 or v != p[-2]] or nbrs[p[-1]]
+            p.append(int(options[rng.integers(len(options))]))
+        paths.append(p)
+    return np.array(paths, dtype=np.int64)
+
+
+def grid_graph(rows: int, cols: int, l: int = 5, seed: int = 0, train_ratio: float = 0.75) -> Graph:
+    """rows x cols grid, node id = row*cols + col (not permuted, as in the release)."""
+    edges = [(r * cols + c, r * cols + c + 1) for r in range(rows) for c in range(cols - 1)]
+    edges += [(r * cols + c, (r + 1) * cols + c) for r in range(rows - 1) for c in range(cols)]
+    edges = np.array(sorted(edges), dtype=np.int64)
+    paths = _walk_paths(edges, rows * cols, l, seed)
+    return Graph(f"grid_{rows}x{cols}", rows * cols, edges, None, paths, *split_paths(paths, train_ratio, seed + 1))
+
+
+def cycle_graph(n: int, l: int = 5, seed: int = 0, train_ratio: float = 0.75) -> Graph:
+    """n-cycle; paths are the n clockwise runs of l nodes."""
+    edges = np.array([(i, (i + 1) % n) for i in range(n)], dtype=np.int64)
+    paths = (np.arange(n)[:, None] + np.arange(l)[None, :]) % n
+    return Graph(f"cycle_{n}", n, edges, None, paths, *split_paths(paths, train_ratio, seed + 1))
+
+
+# The fixed 16-node, 20-edge irregular graph of the release (nodes 12-15 form a separate K4).
+IRREGULAR_EDGES = [(0, 1), (0, 11), (1, 2), (1, 3), (2, 3), (3, 4), (4, 5), (5, 6), (5, 8), (6, 7),
+                   (7, 8), (8, 9), (9, 10), (10, 11), (12, 13), (12, 14), (12, 15), (13, 14), (13, 15), (14, 15)]
+
+
+def irregular_graph(l: int = 5, seed: int = 0, train_ratio: float = 0.75) -> Graph:
+    edges = np.array(IRREGULAR_EDGES, dtype=np.int64)
+    paths = _walk_paths(edges, 16, l, seed)
+    return Graph("irregular_16", 16, edges, None, paths, *split_paths(paths, train_ratio, seed + 1))
+
+
+def directed_edges(g: Graph, direction: str = "both", self_edges: bool = False) -> np.ndarray:
+    """Directed (u, v) training pairs: 'forward', 'backward' or 'both' orientations, plus
+    (u, u) for every node when self_edges."""
+    parts = []
+    if direction in ("forward", "both"):
+        parts.append(g.edges)
+    if direction in ("backward", "both"):
+        parts.append(g.edges[:, ::-1])
+    if self_edges:
+        parts.append(np.repeat(np.arange(g.num_nodes)[:, None], 2, 1))
+    return np.ascontiguousarray(np.concatenate(parts)).astype(np.int64)
+
+
+# ======================================================================================
+# Tokens and on-device datasets
+# ======================================================================================
+# Node ids come first (0..N-1); these follow in this order. "|", "/", "=", "$" are the
+# separators and the teacherless dummy of the in-context task (Bachmann & Nagarajan 2024).
+SPECIALS = ["[EDGE]", "[PATH]", "[PAUSE]", "[PAD]", "|", "/", "=", "$"]
+
+
+def special(name: str, num_nodes: int) -> int:
+    return num_nodes + SPECIALS.index(name)
+
+
+def vocab_size(num_nodes: int) -> int:
+    return num_nodes + len(SPECIALS)
+
+
+@dataclass
+class TokenSet:
+    """Fixed-length examples that live on one device. Every example in a set has the same
+    layout, so the loss positions are shared: targets[:, loss_pos] are the labels (never -1)."""
+
+    name: str
+    inputs: torch.Tensor  # (n, T) int64 token ids
+    targets: torch.Tensor  # (n, T) int64, -1 where there is no loss
+    loss_pos: torch.Tensor  # (n_loss,) positions whose next token is predicted
+
+    def __len__(self):
+        return self.inputs.shape[0]
+
+    @property
+    def labels(self) -> torch.Tensor:  # (n, n_loss)
+        return self.targets[:, self.loss_pos]
+
+    def to(self, device) -> "TokenSet":
+        return TokenSet(self.name, self.inputs.to(device), self.targets.to(device), self.loss_pos.to(device))
+
+
+def make_token_set(name: str, prefixes: np.ndarray, answers: np.ndarray, device="cpu",
+                   hide_answers_with: int | None = None) -> TokenSet:
+    """Build next-token examples: sequence = prefix ++ answer, inputs = sequence[:-1], loss on the
+    positions that predict the answer tokens. `hide_answers_with` replaces the answer tokens in
+    the *input* by a dummy id (teacherless training): the targets are unchanged."""
+    prefixes = np.asarray(prefixes, dtype=np.int64)
+    answers = np.asarray(answers, dtype=np.int64)
+    if answers.ndim == 1:
+        answers = answers[:, None]
+    seq = np.concatenate([prefixes, answers], 1)  # (n, P + A)
+    P, A = prefixes.shape[1], answers.shape[1]
+    inputs = seq[:, :-1].copy()
+    if hide_answers_with is not None:
+        inputs[:, P:] = hide_answers_with
+    targets = np.full_like(inputs, -1)
+    targets[:, P - 1:] = answers  # position P-1+i predicts answer token i
+    loss_pos = np.arange(P - 1, P - 1 + A)
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return TokenSet(name, as_t(inputs), as_t(targets), as_t(loss_pos))
+
+
+def edge_examples(g: Graph, direction="both", self_edges=False, device="cpu") -> TokenSet:
+    """`[EDGE] u -> v`: one example per directed edge, loss only on v."""
+    pairs = directed_edges(g, direction, self_edges)
+    prefix = np.stack([np.full(len(pairs), special("[EDGE]", g.num_nodes)), pairs[:, 0]], 1)
+    return make_token_set(f"edges_{direction}", prefix, pairs[:, 1], device)
+
+
+def path_prefixes(paths: np.ndarray, num_nodes: int, pauses: int, query: str = "leaf") -> np.ndarray:
+    """`[PATH] leaf [PAUSE]*k` (query="leaf") or `[PATH] root leaf [PAUSE]*k` (query="root,leaf")."""
+    cols = [np.full(len(paths), special("[PATH]", num_nodes))]
+    if query == "root,leaf":
+        cols.append(paths[:, 0])
+    cols.append(paths[:, -1])
+    cols += [np.full(len(paths), special("[PAUSE]", num_nodes))] * pauses
+    return np.stack(cols, 1)
+
+
+def path_examples(paths: np.ndarray, num_nodes: int, pauses: int, target: str = "full", device="cpu",
+                  name: str = "paths") -> TokenSet:
+    """Path prompts with three targets: 'full' = root a1 ... leaf (loss on every token),
+    'first' = a1 only (the hardest token: one loss position, the root never in the input),
+    'reverse' = leaf ... root."""
+    prefix = path_prefixes(paths, num_nodes, pauses)
+    answer = {"full": paths, "first": paths[:, 1:2], "reverse": paths[:, ::-1]}[target]
+    return make_token_set(f"{name}_{target}", prefix, answer, device)
+
+
+# ======================================================================================
+# Models
+# ======================================================================================
+@dataclass
+class GPTConfig:
+    """Decoder-only Transformer (nanoGPT-style). Every ablation switch of the paper is a field."""
+
+    vocab_size: int
+    block_size: int = 64
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 384
+    mlp: str = "gelu"  # "gelu": Linear(m,4m)-GELU-Linear(4m,m); "linear": one m x m matrix (TinyNN/associative)
+    attention: bool = True
+    residual: bool = True
+    layernorm: bool = True
+    positions: str = "sinusoidal"  # "sinusoidal" (paper) | "learned" (release; N(0,0.02) here) | "none"
+    tied: bool = True  # lm_head shares the token-embedding matrix
+    freeze_embeddings: bool = False  # token embedding (and the tied head) get no gradient
+    init: str = "gpt"  # "gpt": every weight N(0, 0.02); "unit": token embedding / head N(0, 1)
+    bias: bool = True
+    dropout: float = 0.0
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):  # x: (B, T, m)
+        B, T, m = x.shape
+        q, k, v = self.qkv(x).split(m, dim=2)  # 3 x (B, T, m)
+        q, k, v = (t.view(B, T, self.n_head, m // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, m/H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, m/H)
+        return self.proj(y.transpose(1, 2).reshape(B, T, m))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        norm = (lambda: nn.LayerNorm(cfg.n_embd, bias=cfg.bias)) if cfg.layernorm else nn.Identity
+        self.residual = cfg.residual
+        self.ln_1, self.attn = (norm(), SelfAttention(cfg)) if cfg.attention else (None, None)
+        self.ln_2 = norm()
+        if cfg.mlp == "linear":  # the single trainable matrix of the paper's TinyNN / associative model
+            self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias), nn.Dropout(cfg.dropout))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias), nn.GELU(approximate="tanh"),
+                                     nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias), nn.Dropout(cfg.dropout))
+
+    def forward(self, x):  # (B, T, m) -> (B, T, m)
+        if self.attn is not None:
+            x = x + self.attn(self.ln_1(x)) if self.residual else self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x)) if self.residual else self.mlp(self.ln_2(x))
+
+
+def sinusoidal_table(T: int, m: int) -> torch.Tensor:
+    pos = torch.arange(T, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, m, 2, dtype=torch.float32) * (-math.log(10000.0) / m))
+    table = torch.zeros(T, m)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : m // 2]
+    return table  # (T, m)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.positions == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.layernorm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        init_weights(self)
+        if cfg.init == "unit":  # the release's "non_geometric" init: embedding / head ~ N(0, 1)
+            nn.init.normal_(self.lm_head.weight, std=1.0)
+            if not cfg.tied:
+                nn.init.normal_(self.wte.weight, std=1.0)
+        if cfg.tied:
+            self.wte.weight = self.lm_head.weight
+        if cfg.freeze_embeddings:
+            self.wte.weight.requires_grad_(False)
+            self.lm_head.weight.requires_grad_(False)
+
+    def hidden(self, idx):  # idx: (B, T) -> (B, T, m)
+        x = self.wte(idx)
+        if self.cfg.positions == "learned":
+            x = x + self.wpe.weight[: idx.shape[1]]
+        elif self.cfg.positions == "sinusoidal":
+            x = x + self.pos_table[: idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, idx, loss_pos=None):
+        """Logits (B, n_loss, V) at the positions `loss_pos` only (all positions if None):
+        the vocabulary is large, so the head is applied after gathering."""
+        h = self.hidden(idx)
+        if loss_pos is not None:
+            h = h[:, loss_pos]  # (B, n_loss, m)
+        return self.lm_head(h)
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> int:
+    """N(0, std) for every Linear/Embedding weight, zero biases, LayerNorm (1, 0). Parameters marked
+    `_no_reinit` (Mamba's dt bias) keep their special init. Returns how many tensors were set."""
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding, nn.Conv1d)) and not getattr(mod.weight, "_no_reinit", False):
+            if isinstance(mod, nn.Conv1d):
+                continue  # the conv keeps PyTorch's default init (as mamba_ssm does)
+            nn.init.normal_(mod.weight, std=std)
+            count += 1
+            if getattr(mod, "bias", None) is not None and not getattr(mod.bias, "_no_reinit", False):
+                nn.init.zeros_(mod.bias)
+    assert count > 0, "init_weights matched no parameter"
+    return count
+
+
+def count_params(model: nn.Module) -> dict:
+    seen, total, emb = set(), 0, 0
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if name.startswith(("wte", "lm_head", "wpe")):
+            emb += p.numel()
+    return {"total": total, "non_embedding": total - emb}
+
+
+# --- Mamba: pure-PyTorch selective scan (a sequential loop with a hand-written backward) ---
+class _LinearRecurrence(torch.autograd.Function):
+    """h_t = a_t * h_{t-1} + x_t along dim 2 (h_{-1} = 0); a, x: (B, ED, L, N).
+
+    A hand-written backward keeps only (a, h) alive instead of L autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, a, x):
+        h = torch.empty_like(x)  # (B, ED, L, N)
+        prev = torch.zeros_like(x[:, :, 0])  # (B, ED, N)
+        for t in range(x.shape[2]):
+            prev = a[:, :, t] * prev + x[:, :, t]
+            h[:, :, t] = prev
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        a, h = ctx.saved_tensors
+        L = h.shape[2]
+        g = torch.empty_like(h)  # g_t = dLoss/dh_t including the future: (B, ED, L, N)
+        acc = grad_h[:, :, L - 1]
+        g[:, :, L - 1] = acc
+        for t in range(L - 2, -1, -1):
+            acc = grad_h[:, :, t] + a[:, :, t + 1] * acc
+            g[:, :, t] = acc
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.zeros_like(a)  # h_{-1} = 0, so grad_a_0 = 0
+            grad_a[:, :, 1:] = g[:, :, 1:] * h[:, :, :-1]
+        return grad_a, g
+
+
+def linear_recurrence_reference(a, x):
+    """Naive autograd loop with the same semantics as _LinearRecurrence (for tests)."""
+    h, hs = torch.zeros_like(x[:, :, 0]), []
+    for t in range(x.shape[2]):
+        h = a[:, :, t] * h + x[:, :, t]
+        hs.append(h)
+    return torch.stack(hs, dim=2)  # (B, ED, L, N)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Semantics of mamba_ssm's selective_scan_ref (real A, input-dependent B/C).
+
+    u, delta, z: (B, ED, L); A: (ED, N); B, C: (B, N, L); D, delta_bias: (ED,)."""
+    out_dtype = u.dtype
+    ct = torch.promote_types(u.dtype, torch.float32)  # fp32 at least; keeps fp64 for tests
+    # Autocast would push the einsums back to bf16; the recurrence needs fp32.
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
+        if delta_bias is not None:
+            delta = delta + delta_bias.to(ct)[:, None]
+        if delta_softplus:
+            delta = F.softplus(delta)
+        deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))  # (B, ED, L, N)
+        deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)  # Euler step for B
+        h = _LinearRecurrence.apply(deltaA, deltaB_u)  # (B, ED, L, N)
+        y = torch.einsum("bdln,bnl->bdl", h, C)  # (B, ED, L)
+        if D is not None:
+            y = y + u * D.to(ct)[:, None]
+        if z is not None:
+            y = y * F.silu(z.to(ct))
+    return y.to(out_dtype)
+
+
+class MambaBlock(nn.Module):
+    """Mamba-1 mixer with mamba_ssm.Mamba's parameter names, so state dicts match."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
+                 dt_max=0.1, dt_init_floor=1e-4, conv_bias=True, bias=False, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **fk)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **fk)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **fk)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+
+        # dt_proj init keeps softplus(bias) = dt in [dt_min, dt_max] (log-uniform) at start.
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner, device=device)
+                       * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_proj.bias._no_reinit = True  # model-level init must not overwrite this
+
+        # S4D-real init: A = -(1..N) per channel; stored as log to keep A negative.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))  # (d_inner, d_state), kept fp32 as in mamba_ssm
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+
+    def forward(self, hidden):
+        L = hidden.shape[1]
+        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2*ED, L)
+        x, z = xz.chunk(2, dim=1)  # (B, ED, L) each
+        x = F.silu(self.conv1d(x)[..., :L])  # crop right padding -> causal conv
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
+        dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, ED, L); bias goes in scan
+        A = -torch.exp(self.A_log.float())  # (ED, N)
+        y = selective_scan(x, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(),
+                           z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+
+
+def mamba_ssm_available(device):
+    """True if the fused CUDA mamba_ssm kernels can run on `device`."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:  # broken builds raise OSError/undefined-symbol errors, not only ImportError
+        from mamba_ssm import Mamba  # noqa: F401
+        import mamba_ssm.ops.selective_scan_interface as ssi
+    except Exception:
+        return False
+    return getattr(ssi, "selective_scan_cuda", None) is not None
+
+
+def make_mamba_mixer(d_model, d_state, d_conv, expand, device, impl="auto"):
+    """Return (module, backend) with backend in {"mamba_ssm", "torch"}."""
+    if impl not in ("auto", "cuda", "torch"):
+        raise ValueError(f"impl must be 'auto', 'cuda' or 'torch', got {impl!r}")
+    if impl != "torch" and mamba_ssm_available(device):
+        from mamba_ssm import Mamba
+        return Mamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand).to(device), "mamba_ssm"
+    if impl == "cuda":
+        raise RuntimeError(f"impl='cuda' requested but mamba_ssm CUDA kernels are unavailable on "
+                           f"device {device!r} (need an importable mamba_ssm with selective_scan_cuda "
+                           f"and a cuda device); use impl='auto' or 'torch'")
+    return MambaBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand).to(device), "torch"
+
+
+@dataclass
+class MambaConfig:
+    """Mamba language model of the same depth and width as the GPT (paper App. C.1)."""
+
+    vocab_size: int
+    n_layer: int = 12
+    n_embd: int = 384
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    residual: bool = True  # x + Mamba(LN(x)); the release chained blocks without a residual
+    tied: bool = True
+    freeze_embeddings: bool = False
+    impl: str = "auto"  # "auto": mamba_ssm's CUDA kernel when available, else pure PyTorch; "torch"; "cuda"
+
+
+class MambaLM(nn.Module):
+    def __init__(self, cfg: MambaConfig, device="cpu"):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.norms = nn.ModuleList([nn.LayerNorm(cfg.n_embd) for _ in range(cfg.n_layer)])
+        mixers = [make_mamba_mixer(cfg.n_embd, cfg.d_state, cfg.d_conv, cfg.expand, device, cfg.impl)
+                  for _ in range(cfg.n_layer)]
+        self.backend = mixers[0][1] if mixers else "none"
+        self.mixers = nn.ModuleList([m for m, _ in mixers])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # mamba_ssm's LM init: embeddings N(0, 0.02), every bias zero except the marked dt bias;
+        # the mixer weights keep the init their constructor gave them (the release overwrote them).
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.lm_head.weight, std=0.02)
+        for mod in self.mixers.modules():
+            if isinstance(mod, nn.Linear) and mod.bias is not None and not getattr(mod.bias, "_no_reinit", False):
+                nn.init.zeros_(mod.bias)
+        if cfg.tied:
+            self.wte.weight = self.lm_head.weight
+        if cfg.freeze_embeddings:
+            self.wte.weight.requires_grad_(False)
+            self.lm_head.weight.requires_grad_(False)
+
+    def hidden(self, idx):  # (B, T) -> (B, T, m)
+        x = self.wte(idx)
+        for norm, mixer in zip(self.norms, self.mixers):
+            x = x + mixer(norm(x)) if self.cfg.residual else mixer(norm(x))
+        return self.ln_f(x)
+
+    def forward(self, idx, loss_pos=None):
+        h = self.hidden(idx)
+        if loss_pos is not None:
+            h = h[:, loss_pos]  # (B, n_loss, m)
+        return self.lm_head(h)
+
+
+def build_model(kind: str, vocab: int, n_layer: int, n_embd: int, n_head: int, device, **overrides) -> nn.Module:
+    """One entry point for the sequence models the claim scripts train ('gpt' or 'mamba');
+    `overrides` sets any other field of GPTConfig / MambaConfig."""
+    if kind == "gpt":
+        model = GPT(GPTConfig(vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides))
+    elif kind == "mamba":
+        model = MambaLM(MambaConfig(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, **overrides), device)
+    else:
+        raise ValueError(f"unknown model {kind!r}")
+    return model.to(device)
+
+
+def model_backend(model: nn.Module) -> str:
+    return getattr(model, "backend", "sdpa" if isinstance(model, GPT) else type(model).__name__)
+
+
+# ======================================================================================
+# Training
+# ======================================================================================
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int  # examples per step over all sets; <= 0 means full batch (every example, every step)
+    lr: float
+    warmup: int = 0  # linear warmup from LR 0 at step 0 (an untrained model hit once at full LR collapses)
+    schedule: str = "cosine"  # "cosine": to min_lr_ratio * lr at the last step; "constant"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    decay_embeddings: bool = True  # apply weight decay to the token embedding (paper/release: yes)
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 0.0  # 0 = off (the release does not clip)
+    eval_every: int = 500
+    compile: bool = False  # torch.compile the model (CUDA only; falls back to eager on failure)
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    if tc.warmup > 0 and step < tc.warmup:
+        return tc.lr * step / tc.warmup
+    if tc.schedule == "constant":
+        return tc.lr
+    progress = min(1.0, (step - tc.warmup) / max(1, tc.steps - tc.warmup))
+    floor = tc.lr * tc.min_lr_ratio
+    return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig, device) -> torch.optim.AdamW:
+    """AdamW with two groups: matrices decayed, vectors (biases, norms) and `_no_weight_decay`
+    parameters not; the token embedding is decayed iff tc.decay_embeddings. Frozen parameters
+    are left out. Every trainable parameter lands in exactly one group (asserted)."""
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        wants_decay = p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)
+        if id(p) in emb:
+            wants_decay = tc.decay_embeddings
+        (decay if wants_decay else no_decay).append(p)
+    assert len(decay) + len(no_decay) == len({id(p) for p in trainable})
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr_at(0, tc), betas=tc.betas, fused=fused)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, a no-op elsewhere (CPU runs stay in fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def batch_shares(sets: list[TokenSet], batch_size: int) -> list[int]:
+    """Examples per step from each set, in proportion to the set sizes (at least one each);
+    batch_size <= 0 (or larger than everything) means full batch."""
+    sizes = [len(s) for s in sets]
+    if batch_size <= 0 or batch_size >= sum(sizes):
+        return sizes
+    shares = [max(1, round(batch_size * n / sum(sizes))) for n in sizes]
+    shares[int(np.argmax(sizes))] += batch_size - sum(shares)
+    return shares
+
+
+class Sampler:
+    """Epoch-wise shuffling of each set, drawn on the host from a seeded generator and indexed on
+    the device: every example is seen once per epoch of its own set, no DataLoader."""
+
+    def __init__(self, sets: list[TokenSet], shares: list[int], seed: int):
+        self.sets, self.shares = sets, shares
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm = [None] * len(sets)
+        self.cursor = [0] * len(sets)
+
+    def next(self):
+        batch = []
+        for i, (s, b) in enumerate(zip(self.sets, self.shares)):
+            if b >= len(s):
+                batch.append((s.inputs, s.labels, s.loss_pos))
+                continue
+            if self.perm[i] is None or self.cursor[i] + b > len(s):
+                self.perm[i] = torch.randperm(len(s), generator=self.gen).to(s.inputs.device)
+                self.cursor[i] = 0
+            idx = self.perm[i][self.cursor[i]: self.cursor[i] + b]
+            self.cursor[i] += b
+            batch.append((s.inputs[idx], s.labels[idx], s.loss_pos))
+        return batch
+
+
+def batch_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy over every loss token of the batch (a full-path example counts l times)."""
+    total, count = 0.0, 0
+    for x, y, pos in batch:
+        logits = model(x, pos)  # (b, n_loss, V)
+        total = total + F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        count += y.numel()
+    return total / count
+
+
+def try_compile(model: nn.Module, enabled: bool, device) -> nn.Module:
+    if not enabled or torch.device(device).type != "cuda":
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+        print(f"torch.compile failed ({type(exc).__name__}: {exc}); running eager", file=sys.stderr)
+        return model
+
+
+def train(model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, seed: int = 0,
+          evaluate: Callable[[], dict] | None = None, log: Callable[[str], None] = print,
+          optimizer=None, step_offset: int = 0) -> list[dict]:
+    """Train on mixed batches of `sets` for tc.steps steps; call `evaluate()` every tc.eval_every
+    steps and at the end. Returns the history: one dict per evaluation with the step, the
+    seconds since the start, the mean training loss since the last evaluation and the metrics.
+    Nothing syncs with the device between evaluations."""
+    shares = batch_shares(sets, tc.batch_size)
+    sampler = Sampler(sets, shares, seed)
+    opt = optimizer or make_optimizer(model, tc, device)
+    fwd = try_compile(model, tc.compile, device)
+    history, start = [], time.time()
+    running, n_running = torch.zeros((), device=device), 0
+    eval_seconds = 0.0
+    for step in range(tc.steps + 1):
+        if step % tc.eval_every == 0 or step == tc.steps:
+            t0 = time.time()
+            record = {"step": step + step_offset, "seconds": round(t0 - start, 2),
+                      "train_loss": (running.item() / n_running) if n_running else None}
+            model.eval()
+            with torch.no_grad(), autocast(device):
+                record.update(evaluate() if evaluate else {})
+            model.train()
+            eval_seconds += time.time() - t0
+            history.append(record)
+            running.zero_(), None
+            n_running = 0
+            log(progress_line(record, tc.steps + step_offset))
+        if step == tc.steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        batch = sampler.next()
+        with autocast(device):
+            loss = batch_loss(fwd, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        running += loss.detach()
+        n_running += 1
+    history[-1]["train_seconds"] = round(time.time() - start - eval_seconds, 2)
+    return history
+
+
+def progress_line(record: dict, total_steps: int) -> str:
+    parts = [f"step {record['step']:>6}/{total_steps}", f"{record['seconds']:7.1f}s"]
+    for k, v in record.items():
+        if k in ("step", "seconds") or v is None or isinstance(v, (list, dict)):
+            continue
+        parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)
+
+
+# ======================================================================================
+# Evaluation
+# ======================================================================================
+@torch.no_grad()
+def greedy_generate(model, prefix: torch.Tensor, n_new: int, chunk: int = 4096) -> torch.Tensor:
+    """Greedy decoding of n_new tokens after each prefix (B, P) -> (B, n_new). Sequences are a few
+    tokens long, so each step re-runs the prefix (no KV cache)."""
+    outs = []
+    for i in range(0, prefix.shape[0], chunk):
+        seq = prefix[i: i + chunk]
+        for _ in range(n_new):
+            last = torch.tensor([seq.shape[1] - 1], device=seq.device)
+            nxt = model(seq, last)[:, 0].argmax(-1, keepdim=True)  # (b, 1)
+            seq = torch.cat([seq, nxt], 1)
+        outs.append(seq[:, prefix.shape[1]:])
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def sequence_metrics(model, ts: TokenSet, prefix: str = "", teacherless: bool = False, chunk: int = 4096) -> dict:
+    """Free-generation (greedy) exact match and per-position accuracy on a set, plus teacher-forced
+    token accuracy. For teacherless sets every answer is predicted in one pass from the prompt."""
+    labels = ts.labels  # (n, A)
+    n_ans = labels.shape[1]
+    P = int(ts.loss_pos[0]) + 1  # prompt length
+    tf_pred = torch.cat([model(ts.inputs[i: i + chunk], ts.loss_pos).argmax(-1) for i in range(0, len(ts), chunk)])
+    gen = tf_pred if teacherless else greedy_generate(model, ts.inputs[:, :P], n_ans, chunk)
+    correct = (gen == labels).float()  # (n, A)
+    out = {f"{prefix}exact": correct.all(1).float().mean().item(),
+           f"{prefix}tf_token": (tf_pred == labels).float().mean().item()}
+    out[f"{prefix}per_position"] = [round(v, 5) for v in correct.mean(0).tolist()]
+    return out
+
+
+@torch.no_grad()
+def edge_metrics(model, g: Graph, direction: str = "both", self_edges: bool = False, device="cpu",
+                 chunk: int = 2048) -> dict:
+    """Edge memorization from `[EDGE] u` prompts over every node with out-edges:
+    top1_valid = the argmax is a true out-neighbour; topk = fraction of u's out-neighbours among its
+    top-deg(u) predictions (full vocabulary), averaged over nodes (100% = memorized)."""
+    pairs = directed_edges(g, direction, self_edges)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+    pairs = pairs[order]
+    nodes, starts, deg = np.unique(pairs[:, 0], return_index=True, return_counts=True)
+    K = int(deg.max())
+    nbrs = np.full((len(nodes), K), -1, dtype=np.int64)
+    for j, (s, c) in enumerate(zip(starts, deg)):
+        nbrs[j, :c] = pairs[s: s + c, 1]
+    nbrs_t, deg_t = torch.from_numpy(nbrs).to(device), torch.from_numpy(deg).to(device)
+    edge_tok = special("[EDGE]", g.num_nodes)
+    top1_hits, topk_frac = [], []
+    for i in range(0, len(nodes), chunk):
+        u = torch.from_numpy(nodes[i: i + chunk]).to(device)
+        x = torch.stack([torch.full_like(u, edge_tok), u], 1)
+        logits = model(x, torch.tensor([1], device=device))[:, 0].float()  # (c, V)
+        top = logits.topk(K, -1).indices  # (c, K)
+        nb, dg = nbrs_t[i: i + chunk], deg_t[i: i + chunk]
+        within = torch.arange(K, device=device)[None, :] < dg[:, None]  # top-deg(u) slots
+        hit = ((top[:, :, None] == nb[:, None, :]) & within[:, :, None]).any(1) & (nb >= 0)  # (c, K)
+        topk_frac.append(hit.sum(1).float() / dg.float())
+        top1_hits.append((top[:, :1] == nb).any(1).float())
+    return {"edge_top1_valid": torch.cat(top1_hits).mean().item(), "edge_topk": torch.cat(topk_frac).mean().item()}
+
+
+def cosine_matrix(X: torch.Tensor | np.ndarray, Y: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+    X = torch.as_tensor(X).double()
+    Y = X if Y is None else torch.as_tensor(Y).double()
+    Xn, Yn = F.normalize(X, dim=-1), F.normalize(Y, dim=-1)
+    return (Xn @ Yn.T).numpy()
+
+
+def geometric_level(E: np.ndarray, pairs: np.ndarray) -> float:
+    """Mean cosine similarity of the embeddings of the endpoints of each directed pair."""
+    Xn = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+    return float(np.mean(np.sum(Xn[pairs[:, 0]] * Xn[pairs[:, 1]], 1)))
+
+
+def token_embeddings(model: nn.Module, num_nodes: int) -> np.ndarray:
+    """The node rows of the (input) token-embedding matrix, (N, m) float64 on the host."""
+    return model.wte.weight[:num_nodes].detach().double().cpu().numpy()
+
+
+def estimate_flops_per_step(n_params_non_embedding: int, n_embd: int, n_layer: int, vocab: int,
+                            batch: list[tuple[int, int, int]]) -> float:
+    """Training FLOPs of one step (forward + backward = 3 x forward), counting the matmuls:
+    2 * params * tokens for the blocks, the causal attention scores, and the head at the loss
+    positions only. `batch` lists (examples, seq_len, n_loss) per set."""
+    flops = 0.0
+    for b, T, n_loss in batch:
+        flops += 2 * n_params_non_embedding * b * T + 2 * n_layer * b * T * T * n_embd + 2 * n_embd * vocab * b * n_loss
+    return 3 * flops
+
+
+# ======================================================================================
+# Run helpers: CLI, seeding, device, outputs, verdict
+# ======================================================================================
+def arg(default, help: str, choices=None):
+    """A Config field with its --help text (and allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def cli(config_cls, description: str, quick: dict, validate: Callable | None = None, argv=None):
+    """Build argparse from a Config dataclass (every field a flag, --foo-bar and --foo_bar both
+    accepted, bools as --flag/--no-flag), apply the script's `quick` overrides to the fields the
+    user did not set when --quick is given, and reject bad input with a one-line error (exit 2)."""
+
+    def build(suppress: bool):
+        p = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                    argument_default=argparse.SUPPRESS if suppress else None)
+        for f in dataclasses.fields(config_cls):
+            names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+            kw = dict(help=f.metadata.get("help", ""), dest=f.name)
+            if not suppress:
+                kw["default"] = f.default
+            if f.type in (bool, "bool"):
+                p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+                p.add_argument(*names, type=typ, choices=f.metadata.get("choices"), **kw)
+        return p
+
+    parser = build(False)
+    args = vars(parser.parse_args(argv))
+    given = vars(build(True).parse_args(argv))
+    if args.get("quick"):
+        for k, v in quick.items():
+            if k not in given:
+                args[k] = v
+    cfg = config_cls(**args)
+    if getattr(cfg, "device", "auto") == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but CUDA is not available")
+    problem = validate(cfg) if validate else None
+    if problem:
+        parser.error(problem)
+    return cfg
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_run(cfg, script: str) -> tuple[str, str]:
+    """Seed everything, pick the device, and make the output folder (default runs/<script>/)."""
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = cfg.out or os.path.join("runs", script)
+    os.makedirs(out, exist_ok=True)
+    return device, out
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj) -> None:
+    def dump(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+            fh.write("\n")
+    _atomic_write(path, dump)
+
+
+def save_figure(fig, out: str, name: str, pdf: bool = True) -> list[str]:
+    """Save a figure as PNG (and PDF) atomically and close it; returns the paths written."""
+    paths = []
+    for ext in ["png"] + (["pdf"] if pdf else []):
+        path = os.path.join(out, f"{name}.{ext}")
+        _atomic_write(path, lambda tmp, e=ext: fig.savefig(tmp, dpi=130, bbox_inches="tight", format=e))
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def verdict(value: float, threshold: float, criterion: str, higher_is_better: bool = True) -> dict:
+    ok = value >= threshold if higher_is_better else value <= threshold
+    return {"reproduced": bool(ok), "criterion": criterion, "value": float(value), "threshold": threshold}
+
+
+def write_results(out: str, script: str, claim: str, cfg, device: str, seconds: float, metrics: dict,
+                  history: list, result_verdict: dict, **extra) -> dict:
+    results = {"script": script, "claim": claim, "config": dataclasses.asdict(cfg), "device": device,
+               "torch": torch.__version__, "seconds": round(seconds, 2), "metrics": metrics,
+               "history": history, "verdict": result_verdict, **extra}
+    write_json(os.path.join(out, "results.json"), results)
+    v = result_verdict
+    print(f"[{script}] {'REPRODUCED' if v['reproduced'] else 'NOT REPRODUCED'}: {v['criterion']} "
+          f"-> measured {v['value']:.4f} ({seconds:.0f} s on {device}); wrote {os.path.join(out, 'results.json')}")
+    return results
