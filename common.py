@@ -900,6 +900,7 @@ def cli(config_cls, description: str, quick: dict, validate: Callable | None = N
         p = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                     argument_default=argparse.SUPPRESS if suppress else None)
+        p.error = lambda msg: _fail(p.prog, msg)  # one line, exit status 2 (no usage dump)
         for f in dataclasses.fields(config_cls):
             names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
             kw = dict(help=f.metadata.get("help", ""), dest=f.name)
@@ -926,6 +927,11 @@ def cli(config_cls, description: str, quick: dict, validate: Callable | None = N
     if problem:
         parser.error(problem)
     return cfg
+
+
+def _fail(prog: str, message: str):
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def resolve_device(name: str) -> str:
@@ -998,3 +1004,26 @@ def write_results(out: str, script: str, claim: str, cfg, device: str, seconds: 
     print(f"[{script}] {'REPRODUCED' if v['reproduced'] else 'NOT REPRODUCED'}: {v['criterion']} "
           f"-> measured {v['value']:.4f} ({seconds:.0f} s on {device}); wrote {os.path.join(out, 'results.json')}")
     return results
+
+
+# ======================================================================================
+# In-context and tree-star: the in-weights path task on any rooted graph with paths
+# (used by freeze_embeddings.py and tree_star.py)
+# ======================================================================================
+def in_weights_path_sets(g: Graph, pauses: int, target: str = "full", direction: str = "both", device="cpu"):
+    """(edges, train paths, held-out paths) of the in-weights path task: every edge `[EDGE] u -> v`
+    in `direction`, the training paths `[PATH] leaf [PAUSE]*k -> target`, and the held-out paths.
+    Train on the first two in mixed batches; evaluate on the third."""
+    edges = edge_examples(g, direction, device=device)
+    train = path_examples(g.train_paths, g.num_nodes, pauses, target, device, "train")
+    test = path_examples(g.test_paths, g.num_nodes, pauses, target, device, "test")
+    return edges, train, test
+
+
+def path_task_metrics(model, ts: TokenSet, target: str, prefix: str = "") -> dict:
+    """Greedy exact match and first-hop (a1) accuracy of a path set built with `target` in
+    {full, first, reverse}, plus the per-position accuracy."""
+    m = sequence_metrics(model, ts, prefix)
+    a1 = {"first": 0, "full": 1, "reverse": ts.labels.shape[1] - 2}[target]
+    return {f"{prefix}exact": m[f"{prefix}exact"], f"{prefix}first_token": m[f"{prefix}per_position"][a1],
+            f"{prefix}per_position": m[f"{prefix}per_position"]}
