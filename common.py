@@ -728,11 +728,26 @@ def batch_loss(model, batch) -> torch.Tensor:
 def try_compile(model: nn.Module, enabled: bool, device) -> nn.Module:
     if not enabled or torch.device(device).type != "cuda":
         return model
-    try:
-        return torch.compile(model)
+    try:  # static shapes: each token set keeps one (batch, length) shape for the whole run
+        return torch.compile(model, dynamic=False)
     except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
         print(f"torch.compile failed ({type(exc).__name__}: {exc}); running eager", file=sys.stderr)
         return model
+
+
+def guarded_loss(fwd: nn.Module, model: nn.Module, batch, device) -> tuple[torch.Tensor, nn.Module]:
+    """The batch loss through the compiled module; compilation is lazy, so a compiler failure shows
+    up here, at the first call: then warn once and go on with the eager model."""
+    try:
+        with autocast(device):
+            return batch_loss(fwd, batch), fwd
+    except Exception as exc:  # noqa: BLE001
+        if fwd is model:
+            raise
+        print(f"torch.compile failed at the first step ({type(exc).__name__}: {str(exc)[:200]}); running eager",
+              file=sys.stderr)
+        with autocast(device):
+            return batch_loss(model, batch), model
 
 
 def train(model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, seed: int = 0,
@@ -760,16 +775,14 @@ def train(model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, seed:
             model.train()
             eval_seconds += time.time() - t0
             history.append(record)
-            running.zero_(), None
+            running.zero_()
             n_running = 0
             log(progress_line(record, tc.steps + step_offset))
         if step == tc.steps:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
-        batch = sampler.next()
-        with autocast(device):
-            loss = batch_loss(fwd, batch)
+        loss, fwd = guarded_loss(fwd, model, sampler.next(), device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:

@@ -245,8 +245,8 @@ def bench(cfg, model, sets, device) -> dict:
     sampler = C.Sampler(sets, C.batch_shares(sets, cfg.batch_size), cfg.seed)
 
     def step():
-        with C.autocast(device):
-            loss = C.batch_loss(fwd, sampler.next())
+        nonlocal fwd
+        loss, fwd = C.guarded_loss(fwd, model, sampler.next(), device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
