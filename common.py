@@ -977,6 +977,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give them the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1021,7 +1024,7 @@ def write_results(out: str, script: str, claim: str, cfg, device: str, seconds: 
 
 # ======================================================================================
 # In-context and tree-star: the in-weights path task on any rooted graph with paths
-# (used by freeze_embeddings.py and tree_star.py)
+# (used by freeze_embeddings.py and tree_star.py; training_speed by star_in_context.py too)
 # ======================================================================================
 def in_weights_path_sets(g: Graph, pauses: int, target: str = "full", direction: str = "both", device="cpu"):
     """(edges, train paths, held-out paths) of the in-weights path task: every edge `[EDGE] u -> v`
@@ -1040,3 +1043,275 @@ def path_task_metrics(model, ts: TokenSet, target: str, prefix: str = "") -> dic
     a1 = {"first": 0, "full": 1, "reverse": ts.labels.shape[1] - 2}[target]
     return {f"{prefix}exact": m[f"{prefix}exact"], f"{prefix}first_token": m[f"{prefix}per_position"][a1],
             f"{prefix}per_position": m[f"{prefix}per_position"]}
+
+
+def training_speed(model: nn.Module, sets: list[TokenSet], batch_size: int, steps: int, seconds: float) -> dict:
+    """Throughput of a finished `train` run (seconds = its train_seconds, evaluation excluded):
+    steps/s, examples/s and the achieved model TFLOP/s from estimate_flops_per_step."""
+    shares = batch_shares(sets, batch_size)
+    cfg, seconds = model.cfg, max(seconds, 1e-9)
+    flops = estimate_flops_per_step(count_params(model)["non_embedding"], cfg.n_embd, cfg.n_layer, cfg.vocab_size,
+                                    [(b, s.inputs.shape[1], len(s.loss_pos)) for b, s in zip(shares, sets)])
+    return {"steps_per_s": round(steps / seconds, 2), "examples_per_s": round(sum(shares) * steps / seconds, 1),
+            "model_tflops_per_s": round(flops * steps / seconds / 1e12, 4)}
+
+
+# ======================================================================================
+# Tiny graphs and spectral geometry (tiny_graphs.py, node2vec_spectral.py)
+# ======================================================================================
+# Spectral convention (App. F): the "negative Laplacian" is the symmetrised random-walk operator
+#   M = (D^-1 A - I) + (D^-1 A - I)^T,
+# eigenvalues <= ~0; its top eigenvector is the degenerate near-constant one. A graph with c
+# connected components (the irregular graph has 2) has c such near-zero, component-constant
+# directions: we call them *trivial* and leave them out of every spectral energy fraction.
+def connected_components(A: np.ndarray) -> np.ndarray:
+    """Component label of every node (symmetric 0/1 adjacency, self-loops ignored)."""
+    label = np.full(len(A), -1)
+    for start in range(len(A)):
+        if label[start] >= 0:
+            continue
+        label[start], stack = start, [start]
+        while stack:
+            u = stack.pop()
+            for v in np.flatnonzero(A[u]):
+                if label[v] < 0:
+                    label[v] = start
+                    stack.append(v)
+    return np.unique(label, return_inverse=True)[1]
+
+
+def negative_laplacian(A: np.ndarray) -> np.ndarray:
+    """(D^-1 A - I) + (D^-1 A - I)^T, the sign-flipped symmetrised random-walk Laplacian (App. F).
+    Nodes without edges keep a zero row of D^-1 A."""
+    deg = A.sum(1)
+    T = A / np.maximum(deg, 1e-12)[:, None]  # D^-1 A
+    I = np.eye(len(A))
+    return (T - I) + (T - I).T
+
+
+def laplacian_spectrum(A: np.ndarray):
+    """Eigen-decomposition of negative_laplacian(A), sorted by eigenvalue, largest first.
+    Returns (evals (N,), evecs (N, N) as columns, trivial (N,) bool). The trivial directions are the
+    c eigenvectors (c = number of components) that overlap most with the component indicators:
+    robust to the top eigenvalue being slightly above zero on irregular graphs (Remark 6)."""
+    evals, evecs = np.linalg.eigh(negative_laplacian(A))
+    order = np.argsort(-evals, kind="stable")
+    evals, evecs = evals[order], evecs[:, order]
+    comp = connected_components(A)
+    Q = np.eye(comp.max() + 1)[comp]  # (N, c) component indicators
+    Q = Q / np.linalg.norm(Q, axis=0)
+    overlap = np.linalg.norm(Q.T @ evecs, axis=0)  # (N,) projection onto span(indicators)
+    trivial = np.zeros(len(A), bool)
+    trivial[np.argsort(-overlap, kind="stable")[: Q.shape[1]]] = True
+    return evals, evecs, trivial
+
+
+def eigen_projections(E: np.ndarray, evecs: np.ndarray) -> np.ndarray:
+    """||E^T e_i|| for every eigenvector e_i (columns of evecs); E is (N, m), not centred.
+    The squares sum to ||E||_F^2 because the e_i form an orthonormal basis."""
+    return np.linalg.norm(evecs.T @ E, axis=1)
+
+
+def top_eigen_indices(evals: np.ndarray, trivial: np.ndarray, band: float = 0.1) -> np.ndarray:
+    """The "top few" (Fiedler-like) directions: non-trivial eigenvectors whose eigenvalue lies in the
+    top `band` fraction of the non-trivial eigenvalue range (so whole eigenspaces, e.g. the cycle's
+    Fiedler pair, are never split, and the count adapts to the graph's spectral gaps)."""
+    nt = np.flatnonzero(~trivial)  # already sorted by eigenvalue, largest first
+    top, low = evals[nt[0]], evals[nt[-1]]
+    cut = top - band * (top - low) - 1e-9 * max(1.0, abs(low))
+    return nt[evals[nt] >= cut]
+
+
+def spectral_energy_fraction(proj: np.ndarray, evals: np.ndarray, trivial: np.ndarray, band: float = 0.1) -> float:
+    """Share of the embedding energy outside the trivial directions that lies on the top-few
+    non-trivial eigenvectors (top_eigen_indices): 1 = only the Fiedler-like directions are used; a
+    random matrix gives about (#top)/(N - c)."""
+    top = top_eigen_indices(evals, trivial, band)
+    nontrivial = (proj[~trivial] ** 2).sum()
+    return float((proj[top] ** 2).sum() / max(nontrivial, 1e-30))
+
+
+def neighbour_targets(pairs: np.ndarray, num_nodes: int) -> np.ndarray:
+    """Row-normalised directed training adjacency D^-1 A (N, N) from (u, v) pairs; rows of nodes
+    without out-edges are zero. This is each node's next-token target distribution."""
+    T = np.zeros((num_nodes, num_nodes))
+    np.add.at(T, (pairs[:, 0], pairs[:, 1]), 1.0)
+    return T / np.maximum(T.sum(1, keepdims=True), 1e-12)
+
+
+def topk_recovery(logits: np.ndarray, targets: np.ndarray, exclude_self: bool = False) -> float:
+    """Top-k edge recovery for a node-by-node score matrix (N, N): for each node u with k_u > 0
+    out-neighbours, the fraction of them among its k_u highest scores; averaged over those nodes.
+    exclude_self drops u from its own candidates (Node2Vec without self-edges)."""
+    S = np.array(logits, dtype=np.float64)
+    if exclude_self:
+        np.fill_diagonal(S, -np.inf)
+    hits = []
+    for u in np.flatnonzero((targets > 0).any(1)):
+        nbrs = np.flatnonzero(targets[u] > 0)
+        top = np.argsort(-S[u], kind="stable")[: len(nbrs)]
+        hits.append(np.isin(nbrs, top).mean())
+    return float(np.mean(hits))
+
+
+def logit_margin(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """(margin, top1) of a node-by-node logit matrix on the training pairs: mean over nodes of
+    max logit over true neighbours - max logit over non-neighbours; self is in neither set (as in
+    the release). top1 = the argmax over the other nodes is a true neighbour. Rows (and columns)
+    beyond the targets' size are ignored; columns beyond them count as non-neighbours."""
+    n_rows = targets.shape[0]
+    margins, top1 = [], []
+    for u in range(n_rows):
+        nb = np.zeros(logits.shape[1], bool)
+        nb[: targets.shape[1]] = targets[u] > 0
+        nb[u] = False
+        non = ~nb
+        non[u] = False
+        if nb.any() and non.any():
+            margins.append(logits[u, nb].max() - logits[u, non].max())
+            row = logits[u].astype(np.float64).copy()
+            row[u] = -np.inf
+            top1.append(bool(nb[int(np.argmax(row))]))
+    return float(np.mean(margins)), float(np.mean(top1))
+
+
+def skew_middle(E: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """B.5 item 4: keep only the diagonal of the middle matrix W in the right-singular basis Vh of
+    E: W' = Vh^T diag(diag(Vh W Vh^T)) Vh. The diagonal is the same for W and W^T."""
+    _, s, Vh = np.linalg.svd(E, full_matrices=False)
+    Vh = Vh[s > s.max() * 1e-10]  # (r, m) directions the embedding actually uses
+    diag = np.einsum("ij,jk,ik->i", Vh, W, Vh)  # (r,)
+    return Vh.T @ (diag[:, None] * Vh)  # (m, m)
+
+
+def geometric_margin(E: np.ndarray, W: np.ndarray, targets: np.ndarray, bias: np.ndarray | None = None) -> dict:
+    """Margins of a one-middle-matrix model whose node-u logits are E_u W^T E^T + (E b)^T (an
+    nn.Linear x -> x W^T + b between tied (un)embeddings): the real model ('original') and the model
+    with W replaced by its diagonal in E's singular basis ('skewed'; > 0 = geometric storage)."""
+    col_bias = np.zeros(len(E)) if bias is None else E @ bias  # (N,)
+    original = E @ W.T @ E.T + col_bias[None, :]  # (N, N)
+    skewed = E @ skew_middle(E, W).T @ E.T + col_bias[None, :]
+    (m_orig, t_orig), (m_skew, t_skew) = logit_margin(original, targets), logit_margin(skewed, targets)
+    return {"margin_original": m_orig, "margin_skewed": m_skew, "top1_original": t_orig, "top1_skewed": t_skew}
+
+
+def effective_middle(E: np.ndarray, H: np.ndarray):
+    """Least-squares (min-norm) affine map H ~ E W^T + b from node embeddings E (N, m) to the final
+    hidden states H (N, m) a deep model produces for `[EDGE] u`; exact when N <= m + 1. Lets the
+    geometric margin be asked of models without a single middle matrix (Transformer, Mamba).
+    Returns (W (m, m), b (m,), max abs fit error)."""
+    X = np.concatenate([E, np.ones((len(E), 1))], 1)  # (N, m + 1)
+    sol = np.linalg.lstsq(X, H, rcond=None)[0]  # (m + 1, m)
+    return sol[:-1].T, sol[-1], float(np.abs(X @ sol - H).max())
+
+
+@torch.no_grad()
+def edge_prompt_hidden(model: nn.Module, num_nodes: int, device="cpu") -> np.ndarray:
+    """Final hidden state (after the last norm, before the head) at the node position of every
+    `[EDGE] u` prompt: (N, m) float64."""
+    u = torch.arange(num_nodes, device=device)
+    x = torch.stack([torch.full_like(u, special("[EDGE]", num_nodes)), u], 1)  # (N, 2)
+    return model.hidden(x)[:, 1].double().cpu().numpy()
+
+
+class Node2Vec(nn.Module):
+    """The 2-layer, 1-hop Node2Vec of §4 / App. F: node embeddings V (N x m) and logits V V^T
+    (tied) or U W^T (untied), full softmax over all N nodes. Init N(0, init_std) as nn.Embedding."""
+
+    def __init__(self, num_nodes: int, embedding_dim: int, tied: bool = True, init_std: float = 1.0,
+                 dtype=torch.float64):
+        super().__init__()
+        self.wte = nn.Embedding(num_nodes, embedding_dim, dtype=dtype)  # input embeddings V (or U)
+        nn.init.normal_(self.wte.weight, std=init_std)
+        self.out = None
+        if not tied:
+            self.out = nn.Embedding(num_nodes, embedding_dim, dtype=dtype)  # output embeddings W
+            nn.init.normal_(self.out.weight, std=init_std)
+
+    def forward(self) -> torch.Tensor:  # the embedding matrix (N, m)
+        return self.wte.weight
+
+    def logits(self) -> torch.Tensor:  # (N, N)
+        out = self.wte.weight if self.out is None else self.out.weight
+        return self.wte.weight @ out.T
+
+    def loss(self, targets: torch.Tensor) -> torch.Tensor:
+        """App. F eq. 1: -sum_u sum_v (D^-1 A)_uv log softmax(V_u . V^T)_v, i.e. the degree-normalised
+        cross-entropy over u's neighbours, summed over nodes (as in the release)."""
+        return -(targets * torch.log_softmax(self.logits(), -1)).sum()
+
+
+def TiedNode2Vec(num_nodes: int, embedding_dim: int, **kw) -> Node2Vec:
+    return Node2Vec(num_nodes, embedding_dim, tied=True, **kw)
+
+
+def coefficient_matrix(P: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Lemma 1: C(t) = (D^-1 A - P) + (D^-1 A - P)^T, so that gradient descent on the tied
+    Node2Vec loss is V <- V + lr * C V. At near-orthogonal init P ~ I and C(0) ~ negative Laplacian."""
+    G = targets - P
+    return G + G.T
+
+
+def train_node2vec(model: Node2Vec, targets: np.ndarray, steps: int, lr: float, record_every: int = 25,
+                   record: Callable[[int], dict] | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Plain full-batch gradient descent (no momentum) on Node2Vec.loss; every record_every steps
+    (and at the end) a history entry with step, seconds, loss, gradient norm and record(step)."""
+    T = torch.as_tensor(targets, dtype=model.wte.weight.dtype, device=model.wte.weight.device)
+    params = [p for p in model.parameters()]
+    history, start = [], time.time()
+    for step in range(steps + 1):
+        loss = model.loss(T)
+        grads = torch.autograd.grad(loss, params)
+        if step % record_every == 0 or step == steps:
+            entry = {"step": step, "seconds": round(time.time() - start, 3), "loss": loss.item(),
+                     "grad_norm": math.sqrt(sum(float((g ** 2).sum()) for g in grads))}
+            entry.update(record(step) if record else {})
+            history.append(entry)
+            if log and (step % max(record_every, steps // 10) == 0 or step == steps):
+                log(progress_line(entry, steps))
+        if step == steps:
+            break
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * g
+    return history
+
+
+def pca_coords(E: np.ndarray, k: int = 3) -> np.ndarray:
+    """Top-k principal coordinates of the rows of E (centred SVD), (N, k); zero columns where the
+    rank is lower. Signs fixed so the largest |entry| of each column is positive (reproducible)."""
+    X = E - E.mean(0, keepdims=True)
+    U, s, _ = np.linalg.svd(X, full_matrices=False)
+    Y = np.zeros((len(E), k))
+    r = min(k, len(s))
+    Y[:, :r] = U[:, :r] * s[:r]
+    for j in range(r):
+        if Y[np.argmax(np.abs(Y[:, j])), j] < 0:
+            Y[:, j] *= -1
+    return Y
+
+
+def draw_graph_3d(ax, X: np.ndarray, edges: np.ndarray, title: str = "", root: int | None = None) -> None:
+    """Nodes at 3D coordinates X (N, 3) with the undirected edges drawn as lines (root in red)."""
+    for u, v in edges:
+        ax.plot(*X[[u, v]].T, color="0.55", lw=0.8)
+    colors = np.full(len(X), "tab:blue", dtype=object)
+    if root is not None:
+        colors[root] = "tab:red"
+    ax.scatter(*X.T, c=list(colors), s=14, depthshade=False)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([]), ax.set_yticks([]), ax.set_zticks([])
+
+
+def draw_projection_bars(ax, evals: np.ndarray, proj: np.ndarray, trivial: np.ndarray, title: str = "") -> None:
+    """Fig 7 style: non-trivial eigenvectors by eigenvalue (largest first); green = eigenvalue of
+    D^-1A + (D^-1A)^T (= M + 2I) over the largest, orange = ||E^T e_i|| over the largest."""
+    keep = np.flatnonzero(~trivial)
+    lam = evals[keep] + 2.0
+    x = np.arange(len(keep))
+    ax.bar(x - 0.2, lam / np.abs(lam).max(), 0.4, color="tab:green", label="eigenvalue (rel.)")
+    ax.bar(x + 0.2, proj[keep] / max(proj[keep].max(), 1e-30), 0.4, color="tab:orange", label="projection (rel.)")
+    ax.set_xticks(x, [str(i) for i in keep], fontsize=6)
+    ax.set_xlabel("eigenvector index (by eigenvalue)", fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=6)

@@ -12,9 +12,13 @@ import pytest
 import torch
 
 import common as C
+import freeze_embeddings as FE
+import star_in_context as SIC
+import tree_star as TS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 has_cuda = torch.cuda.is_available()
+SPEC_KEYS = {"script", "claim", "config", "device", "seconds", "metrics", "history", "verdict"}
 needs_cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")
 
 
@@ -25,6 +29,12 @@ def run_script(script, *args, out=None, timeout=300):
     path = os.path.join(str(out), "results.json") if out else None
     results = json.load(open(path)) if path and os.path.exists(path) else None
     return proc, results
+
+
+def run_cmd(args, cwd):
+    """Run `python SCRIPT ARGS...` from the folder `cwd` (so nothing lands in the repository)."""
+    return subprocess.run([sys.executable, os.path.join(HERE, args[0]), *args[1:]], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
 
 
 def assert_results_shape(res, script):
@@ -329,7 +339,7 @@ def test_star_in_weights_same_seed_same_result(tmp_path):
     import star_in_weights as S
     runs = []
     for i in range(2):
-        cfg = C.cli(S.Config, "", S.QUICK, S.validate, argv=["--quick", "--steps", "200", "--out", str(tmp_path / str(i))])
+        cfg = C.cli(S.Config, "", S.QUICK, S.validate, argv=["--quick", "--steps", "100", "--out", str(tmp_path / str(i))])
         runs.append(S.run(cfg))
     strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
     assert strip(runs[0]["history"]) == strip(runs[1]["history"])
@@ -340,9 +350,9 @@ def test_star_in_weights_bench_and_staged(tmp_path):
     proc, res = run_script("star_in_weights.py", "--quick", "--bench", out=tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
     assert res["metrics"]["steps_per_s"] > 0 and res["metrics"]["examples_per_s"] > 0
-    proc, res = run_script("star_in_weights.py", "--quick", "--recipe", "staged", "--steps", "100", out=tmp_path / "s")
+    proc, res = run_script("star_in_weights.py", "--quick", "--recipe", "staged", "--steps", "50", "--edge-steps", "100", out=tmp_path / "s")
     assert proc.returncode == 0, proc.stderr
-    assert res["history"][-1]["step"] == res["config"]["edge_steps"] + 100
+    assert res["history"][-1]["step"] == 100 + 50
 
 
 @pytest.mark.parametrize("args", [["--degree", "1"], ["--path-length", "1"], ["--train-ratio", "1.2"],
@@ -357,3 +367,245 @@ def test_star_in_weights_quick_cuda(tmp_path):
     proc, res = run_script("star_in_weights.py", "--quick", "--device", "cuda", "--compile", out=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert res["device"] == "cuda" and res["metrics"]["edge_topk"] >= 0.95
+
+
+# ===================================================================================== tiny graphs, spectral (issue 4)
+# ---------------------------------------------------------------------------------------------- metrics
+def test_geometric_margin_sign_associative_vs_geometric():
+    g = C.cycle_graph(15)
+    targets = C.neighbour_targets(C.directed_edges(g), 15)
+    # geometric: nodes on a circle (the cycle's Fiedler pair), identity middle matrix -> cosine storage
+    theta = 2 * np.pi * np.arange(15) / 15
+    E_geo = np.stack([np.cos(theta), np.sin(theta)], 1)
+    geo = C.geometric_margin(E_geo, np.eye(2), targets)
+    assert geo["margin_original"] > 0.2 and geo["margin_skewed"] > 0.2 and geo["top1_skewed"] == 1.0
+    # associative: one-hot embeddings, a lookup matrix W = 3A and a popularity bias towards node 0:
+    # the real model fits the edges, its diagonal-only ("skewed") version keeps only the bias
+    E_one_hot, W, b = np.eye(15), 3 * g.adjacency(), np.eye(15)[0]
+    assoc = C.geometric_margin(E_one_hot, W, targets, bias=b)
+    assert assoc["margin_original"] >= 2.0 and assoc["top1_original"] == 1.0
+    assert abs(assoc["margin_skewed"] - (2 - 12) / 15) < 1e-9  # rows 1, 14: +1; row 0: 0; 12 rows: -1
+
+
+def test_skew_middle_keeps_diagonal_in_singular_basis():
+    rng = np.random.default_rng(0)
+    E, W = rng.normal(size=(6, 10)), rng.normal(size=(10, 10))
+    _, _, Vh = np.linalg.svd(E, full_matrices=False)
+    Ws = C.skew_middle(E, W)
+    assert np.allclose(Vh @ Ws @ Vh.T, np.diag(np.diag(Vh @ W @ Vh.T)))
+    assert np.allclose(C.skew_middle(E, W), C.skew_middle(E, W.T))  # the transpose does not matter
+
+
+def test_topk_recovery():
+    g = C.path_star(3, 4, seed=0)
+    targets = C.neighbour_targets(C.directed_edges(g), g.num_nodes)
+    A = g.adjacency()
+    assert C.topk_recovery(A, targets) == 1.0
+    # self gets the highest score: with self a candidate one neighbour slot is lost, without it all fit
+    self_heavy = A + 5 * np.eye(g.num_nodes)
+    assert C.topk_recovery(self_heavy, targets) < 1.0
+    assert C.topk_recovery(self_heavy, targets, exclude_self=True) == 1.0
+    assert C.topk_recovery(-A, targets, exclude_self=True) == 0.0
+
+
+def test_c0_is_minus_laplacian_at_near_orthogonal_init():
+    for g in [C.cycle_graph(15), C.irregular_graph()]:
+        torch.manual_seed(0)
+        model = C.TiedNode2Vec(g.num_nodes, 100)  # N(0, 1): diagonal of V V^T ~ 100, off-diagonal ~ 10
+        targets = C.neighbour_targets(C.directed_edges(g), g.num_nodes)
+        P = torch.softmax(model.logits(), -1).detach().numpy()
+        C0 = C.coefficient_matrix(P, targets)
+        L = -C.negative_laplacian(g.adjacency())
+        assert np.linalg.norm(C0 + L) / np.linalg.norm(L) < 1e-6
+
+
+def test_node2vec_gradient_is_minus_C_V():
+    """Lemma 1: the gradient of the tied Node2Vec loss is -C V."""
+    g = C.grid_graph(3, 3)
+    torch.manual_seed(0)
+    model = C.TiedNode2Vec(9, 5, init_std=0.5)
+    targets = C.neighbour_targets(C.directed_edges(g), 9)
+    (grad,) = torch.autograd.grad(model.loss(torch.as_tensor(targets)), [model.wte.weight])
+    P = torch.softmax(model.logits(), -1).detach().numpy()
+    V = model().detach().numpy()
+    assert np.allclose(grad.numpy(), -C.coefficient_matrix(P, targets) @ V, atol=1e-10)
+
+
+def test_eigen_projections_sum_to_energy_and_trivial_directions():
+    rng = np.random.default_rng(0)
+    for g in [C.cycle_graph(15), C.path_star(4, 5), C.grid_graph(4, 4), C.irregular_graph()]:
+        evals, evecs, trivial = C.laplacian_spectrum(g.adjacency())
+        E = rng.normal(size=(g.num_nodes, 7))
+        assert np.isclose((C.eigen_projections(E, evecs) ** 2).sum(), (E ** 2).sum())
+        assert trivial.sum() == (2 if g.name.startswith("irregular") else 1)
+        assert np.all(evals <= 0.3) and np.all(np.diff(evals) <= 1e-12)
+    evals, evecs, trivial = C.laplacian_spectrum(C.cycle_graph(15).adjacency())
+    top = C.top_eigen_indices(evals, trivial)
+    assert list(top) == [1, 2]  # the cycle's Fiedler pair, never split
+    fiedler_only = evecs[:, top] @ rng.normal(size=(2, 5))
+    assert np.isclose(C.spectral_energy_fraction(C.eigen_projections(fiedler_only, evecs), evals, trivial), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+def test_tiny_graphs_quick_end_to_end(tmp_path):
+    out = tmp_path / "tg"
+    proc = run_cmd(["tiny_graphs.py", "--quick", "--device", "cpu", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert {"script", "claim", "config", "device", "seconds", "metrics", "history", "verdict"} <= set(res)
+    assert isinstance(res["verdict"]["reproduced"], bool)
+    assert (out / "fig1_summary.png").exists() and (out / "arch_transformer.png").exists()
+    run = res["metrics"]["cycle/nn"]
+    assert np.isfinite(run["margin_skewed"]) and 0 <= run["spectral_top_fraction"] <= 1
+
+
+def test_node2vec_spectral_quick_end_to_end(tmp_path):
+    out = tmp_path / "n2v"
+    proc = run_cmd(["node2vec_spectral.py", "--quick", "--device", "cpu", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    s = res["metrics"]["cycle_15"]
+    assert (out / "fig8_summary.png").exists() and (out / "spectral_cycle_15.png").exists()
+    assert s["C0_vs_minus_L"] < 1e-6 and s["final_grad_norm"] < s["initial_grad_norm"]
+    assert s["final_energy_top"] > s["initial_energy_top"]
+
+
+def test_bad_input_exits_2_without_traceback(tmp_path):
+    for args in (["tiny_graphs.py", "--graphs", "moon"], ["node2vec_spectral.py", "--degree", "1"]):
+        proc = run_cmd(args + ["--out", str(tmp_path / "bad")], tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+        assert not (tmp_path / "bad").exists()
+
+
+def test_help_documents_every_flag(tmp_path):
+    for script, flag in (("tiny_graphs.py", "--study"), ("node2vec_spectral.py", "--band")):
+        proc = run_cmd([script, "--help"], tmp_path)
+        assert proc.returncode == 0 and flag in proc.stdout and "Traceback" not in proc.stderr
+
+
+# ===================================================================================== in-context, frozen, tree-star (issue 5)
+# ------------------------------------------------------------------ in-context prompt format and masks
+def test_in_context_prompt_format():
+    d, l, N, n = 3, 5, 30, 200
+    prefix, path = SIC.sample_in_context_graphs(n, d, l, N, np.random.default_rng(0))
+    E = d * (l - 1)
+    assert prefix.shape == (n, 3 * E + 3) and path.shape == (n, l)
+    bar, slash, eq = C.special("|", N), C.special("/", N), C.special("=", N)
+    first_edge_from_source = 0
+    for p, q in zip(prefix, path):
+        body = p[: 3 * E].reshape(E, 3)
+        assert (body[:-1, 2] == bar).all() and body[-1, 2] == slash  # u v | ... u v /
+        assert p[-3] == q[0] and p[-2] == q[-1] and p[-1] == eq  # / source goal =
+        edges = body[:, :2]
+        assert (edges < N).all() and len(np.unique(edges)) == E + 1  # labels distinct per graph
+        assert len({tuple(e) for e in edges.tolist()}) == E
+        assert (edges[:, 0] == q[0]).sum() == d  # the source has d children
+        for a, b in zip(q[:-1], q[1:]):  # the target path follows the edges source -> goal
+            assert [a, b] in edges.tolist()
+        assert q[-1] not in edges[:, 0]  # the goal is a leaf
+        first_edge_from_source += int(edges[0, 0] == q[0])
+    assert first_edge_from_source < n * 0.6  # the edge list is shuffled (in order it would always start at the source)
+
+
+def test_in_context_masks_and_teacherless_inputs():
+    d, l, N = 2, 5, 20
+    prefix, path = SIC.sample_in_context_graphs(16, d, l, N, np.random.default_rng(1))
+    P = prefix.shape[1]
+    sets = {m: SIC.make_mode_set(m, prefix, path, N, "cpu", "t") for m in SIC.MODES}
+    nt, a1 = sets["next-token"]
+    assert a1 == 1 and nt.loss_pos.tolist() == list(range(P - 1, P - 1 + l))
+    assert (nt.targets[:, : P - 1] == -1).all()  # no loss on the prompt
+    assert torch.equal(nt.labels, torch.from_numpy(path))
+    assert torch.equal(nt.inputs[:, P:], torch.from_numpy(path[:, :-1]))  # teacher forcing
+    tl, _ = sets["teacherless"]
+    assert torch.equal(tl.targets, nt.targets) and torch.equal(tl.inputs[:, :P], nt.inputs[:, :P])
+    assert (tl.inputs[:, P:] == C.special("$", N)).all()  # the target is hidden from the inputs
+    rev, a1r = sets["reverse"]
+    assert torch.equal(rev.labels, torch.from_numpy(path[:, ::-1].copy())) and rev.labels[0, a1r] == path[0, 1]
+    ft, a1f = sets["first-token"]
+    assert ft.labels.shape == (16, 1) and torch.equal(ft.labels[:, 0], torch.from_numpy(path[:, 1])) and a1f == 0
+    assert ft.inputs.shape[1] == P and (ft.targets[:, : P - 1] == -1).all()
+
+
+def test_in_context_validate_rejects_bad_input():
+    ok = SIC.Config(**SIC.QUICK)
+    assert SIC.validate(ok) is None
+    assert "mode" in SIC.validate(SIC.Config(**{**SIC.QUICK, "mode": "next-token,sideways"}))
+    assert "num-nodes" in SIC.validate(SIC.Config(**{**SIC.QUICK, "degree": 20, "num_nodes": 50}))
+
+
+# ------------------------------------------------------------------ tree-star counts and splits
+@pytest.mark.parametrize("d,k,l", [(3, 2, 4), (4, 3, 3), (5, 2, 5)])
+def test_tree_star_counts(d, k, l):
+    g = C.tree_star(d, k, l, seed=0, split="leaf")
+    counts = TS.tree_counts(d, k, l)
+    assert g.num_nodes == counts["nodes"] == 1 + d * (k ** (l - 1) - 1) // (k - 1)
+    assert len(g.edges) == counts["edges"] == g.num_nodes - 1
+    assert g.paths.shape == (counts["leaves"], l) == (d * k ** (l - 2), l)
+    assert (g.paths[:, 0] == g.root).all() and len(np.unique(g.leaves)) == counts["leaves"]
+    assert (g.degrees()[g.leaves] == 1).all() and g.degrees()[g.root] == d
+    assert len(g.train_paths) + len(g.test_paths) == counts["leaves"]
+
+
+def test_tree_star_first_token_split_shares_no_subtree():
+    g = C.tree_star(8, 2, 5, seed=3, train_ratio=0.75, split="first-token")
+    assert TS.shared_subtrees(g) == 0
+    train_nodes = set(g.train_paths[:, 1:].ravel().tolist())
+    test_nodes = set(g.test_paths[:, 1:].ravel().tolist())
+    assert not train_nodes & test_nodes  # no node but the root is on both sides
+    assert len(np.unique(g.train_paths[:, 1])) == 6 and len(np.unique(g.test_paths[:, 1])) == 2
+    leaf = C.tree_star(8, 2, 5, seed=3, train_ratio=0.75, split="leaf")
+    assert TS.shared_subtrees(leaf) > 0  # the leaf split does overlap (a held-out path shares a prefix)
+
+
+# ------------------------------------------------------------------ freeze_embeddings pieces
+def test_binomial_tail():
+    assert FE.binomial_p_at_least(0, 100, 0.01) == 1.0
+    assert abs(FE.binomial_p_at_least(1, 100, 0.01) - (1 - 0.99 ** 100)) < 1e-9
+    assert FE.binomial_p_at_least(20, 100, 0.01) < 1e-12
+
+
+def test_frozen_embeddings_do_not_move():
+    cfg = FE.Config(**{**FE.QUICK, "device": "cpu"})
+    g = C.path_star(cfg.degree, cfg.path_length, 0)
+    edges, train_set, _ = C.in_weights_path_sets(g, cfg.pauses, "first", "both", "cpu")
+    model = FE.build_path_model(cfg, g, True, "cpu")
+    before = model.wte.weight.detach().clone()
+    C.train(model, [edges, train_set], C.TrainConfig(steps=3, batch_size=16, lr=1e-2, eval_every=10), "cpu", 0,
+            log=lambda s: None)
+    assert torch.equal(model.wte.weight, before) and torch.equal(model.lm_head.weight, before)
+
+
+# ------------------------------------------------------------------ end to end: --quick and bad input
+@pytest.mark.parametrize("script", ["star_in_context.py", "freeze_embeddings.py", "tree_star.py"])
+def test_quick_end_to_end(script, tmp_path):
+    out = tmp_path / "out"
+    r = run_cmd([script, "--quick", "--device", "cpu", "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert SPEC_KEYS <= set(res) and {"reproduced", "criterion", "value", "threshold"} <= set(res["verdict"])
+    assert res["history"] and all({"step", "seconds"} <= set(h) for h in res["history"])
+    assert any(f.endswith(".png") for f in os.listdir(out))
+    assert all(c.isalnum() or c in "._-" for f in os.listdir(out) for c in f)
+
+
+@pytest.mark.parametrize("module,args", [(SIC, ["--degree", "1"]), (SIC, ["--mode", "sideways"]),
+                                         (SIC, ["--num-nodes", "50", "--degree", "20"]),
+                                         (FE, ["--train-ratio", "1.5"]), (FE, ["--frozen-embed-std", "0"]),
+                                         (TS, ["--branching", "1"]), (TS, ["--width", "30", "--heads", "4"])])
+def test_bad_input_exits_2(module, args, tmp_path, monkeypatch, capsys):
+    script = os.path.basename(module.__file__)
+    monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(tmp_path / "never")])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"{script}: error:")
+    assert not (tmp_path / "never").exists()
+
+
+def test_bad_input_subprocess_one_line(tmp_path):
+    r = run_cmd(["tree_star.py", "--degree", "1", "--out", str(tmp_path / "never")], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "tree_star.py: error: --degree must be >= 2 (got 1)"
