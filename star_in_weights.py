@@ -17,6 +17,11 @@ Commands
     python star_in_weights.py --degree 5000 --pauses 0           # Fig 35: pause tokens
     python star_in_weights.py --degree 5000 --hardest-token --bench  # throughput only
     python star_in_weights.py --quick                            # CPU smoke test, < 1 minute
+    OMP_NUM_THREADS=1 python star_in_weights.py --degree 100 --hardest-token --layers 4 --width 128 \
+        --heads 4 --batch-size 256 --steps 4000 --warmup 300 --eval-every 500   # CPU scale, ~6 min
+Measured (2-core CPU, shared): the CPU-scale command reaches 0.96 held-out first-token accuracy
+(chance 0.01) with seed 1 (0.88 final / 0.92 peak with seed 0), with a clear Fig 4 diagonal; the
+paper-scale GPU runs are not yet measured.
 Outputs in --out (default runs/star_in_weights/): results.json, accuracy.png, per_position.png,
 geometry.png (Fig 4: leaf vs first-hop cosine distances of held-out paths; a dark diagonal means
 the leaf is stored near its own arm, i.e. a global geometry).
@@ -144,29 +149,11 @@ def expectation(cfg: Config, d: int) -> tuple[str, str, bool, float]:
             "test_exact", True, 0.90)
 
 
-def build_data(cfg: Config, g: C.Graph, device):
-    pauses, target = pause_count(cfg), target_kind(cfg)
-    edges = C.edge_examples(g, cfg.edges, device=device)
-    train_paths = C.path_examples(g.train_paths, g.num_nodes, pauses, target, device, "train")
-    test_paths = C.path_examples(g.test_paths, g.num_nodes, pauses, target, device, "test")
-    return edges, train_paths, test_paths
-
-
-def first_token_index(cfg: Config) -> int:
-    """Which answer position holds a1 (the hard token): answer = a1 | root a1 ... | leaf ... a1 root."""
-    return {"first": 0, "full": 1, "reverse": cfg.path_length - 2}[target_kind(cfg)]
-
-
-def make_evaluator(cfg, model, g, edges_dir, train_set, test_set, device):
-    a1 = first_token_index(cfg)
-
-    def evaluate() -> dict:
-        out = {}
-        for name, ts in (("test_", test_set), ("train_", train_set)):
-            m = C.sequence_metrics(model, ts, name)
-            out[f"{name}exact"], out[f"{name}first_token"] = m[f"{name}exact"], m[f"{name}per_position"][a1]
-            out[f"{name}per_position"] = m[f"{name}per_position"]
-        out.update(C.edge_metrics(model, g, edges_dir, device=device))
+def make_evaluator(cfg, model, g, train_set, test_set, device):
+    def evaluate() -> dict:  # greedy decoding of held-out and training leaves, and edge recovery
+        out = {**C.path_task_metrics(model, test_set, target_kind(cfg), "test_"),
+               **C.path_task_metrics(model, train_set, target_kind(cfg), "train_")}
+        out.update(C.edge_metrics(model, g, cfg.edges, device=device))
         return out
 
     return evaluate
@@ -191,7 +178,7 @@ def geometry(model, g: C.Graph, n_paths: int, seed: int) -> dict:
 
 def plot_accuracy(history, cfg, d, out):
     steps = [h["step"] for h in history]
-    fig, axes = C.plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = C.plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     for key, label in (("test_first_token", "held-out first token (a1)"), ("test_exact", "held-out exact match"),
                        ("train_first_token", "train first token"), ("train_exact", "train exact match"),
                        ("edge_topk", "edge top-k recovery")):
@@ -220,12 +207,12 @@ def plot_per_position(history, cfg, out):
 
 
 def plot_geometry(geo, out):
-    fig, axes = C.plt.subplots(1, 2, figsize=(10, 4.5))
+    fig, axes = C.plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
     for ax, key, title in ((axes[0], "leaf_vs_first_hop", "leaf of path i vs first hop of path j"),
                            (axes[1], "path_vs_path", "mean distance, nodes of path i vs path j")):
         im = ax.imshow(geo[key], cmap="viridis")
         ax.set(title=title, xlabel="held-out path j", ylabel="held-out path i")
-        fig.colorbar(im, ax=ax, fraction=0.046, label="cosine distance")
+        fig.colorbar(im, ax=ax, shrink=0.85, label="cosine distance")
     return C.save_figure(fig, out, "geometry")
 
 
@@ -278,7 +265,7 @@ def run(cfg: Config) -> dict:
     start = time.time()
     device, out = C.setup_run(cfg, SCRIPT)
     g = C.path_star(cfg.degree, cfg.path_length, cfg.seed, cfg.train_ratio)
-    edges, train_set, test_set = build_data(cfg, g, device)
+    edges, train_set, test_set = C.in_weights_path_sets(g, pause_count(cfg), target_kind(cfg), cfg.edges, device)
     vocab = C.vocab_size(g.num_nodes)
     extra = dict(positions=cfg.positions) if cfg.model == "gpt" else {}
     model = C.build_model(cfg.model, vocab, cfg.layers, cfg.width, cfg.heads, device,
@@ -297,7 +284,7 @@ def run(cfg: Config) -> dict:
         return C.write_results(out, SCRIPT, "throughput of the training step", cfg, device, time.time() - start,
                                speed, [], v, data=info)
 
-    evaluate = make_evaluator(cfg, model, g, cfg.edges, train_set, test_set, device)
+    evaluate = make_evaluator(cfg, model, g, train_set, test_set, device)
     common_tc = dict(batch_size=cfg.batch_size, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                      decay_embeddings=cfg.decay_embeddings, eval_every=cfg.eval_every, compile=cfg.compile)
     if cfg.recipe == "staged":  # stage 1: edges only; stage 2: paths only, a fresh optimizer
