@@ -216,12 +216,13 @@ def plot_geometry(geo, out):
     return C.save_figure(fig, out, "geometry")
 
 
-def peak_mfu(device: str) -> float | None:
-    """Dense bf16 peak FLOP/s of the GPU, for the MFU estimate (None when unknown)."""
+def mfu(speed: dict, device: str) -> float | None:
+    """Model FLOP utilisation: achieved matmul FLOP/s over the GPU's dense bf16 peak (None off-GPU)."""
     if device != "cuda":
         return None
     name = torch.cuda.get_device_name()
-    return next((v for k, v in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if k in name), None)
+    peak = next((v for k, v in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if k in name), None)
+    return speed["model_tflops_per_s"] * 1e12 / peak if peak else None
 
 
 def bench(cfg, model, sets, device) -> dict:
@@ -249,15 +250,9 @@ def bench(cfg, model, sets, device) -> dict:
         step()
     sync()
     dt = time.time() - t0
-    shares = C.batch_shares(sets, cfg.batch_size)
-    params = C.count_params(model)["non_embedding"]
-    flops = C.estimate_flops_per_step(params, cfg.width, cfg.layers, model.lm_head.out_features,
-                                      [(b, s.inputs.shape[1], len(s.loss_pos)) for b, s in zip(shares, sets)])
-    peak = peak_mfu(device)
-    ex_s = cfg.bench_steps * sum(shares) / dt
-    return {"steps_per_s": cfg.bench_steps / dt, "examples_per_s": ex_s, "warmup_seconds": warm,
-            "tflops": flops * cfg.bench_steps / dt / 1e12, "mfu": (flops * cfg.bench_steps / dt / peak) if peak else None,
-            "speedup_vs_release": ex_s / RELEASE_EXAMPLES_PER_S}
+    speed = C.training_speed(model, sets, cfg.batch_size, cfg.bench_steps, dt)
+    return {**speed, "warmup_seconds": round(warm, 2), "mfu": mfu(speed, device),
+            "speedup_vs_release": speed["examples_per_s"] / RELEASE_EXAMPLES_PER_S}
 
 
 # ---------------------------------------------------------------------------------- run
@@ -297,6 +292,9 @@ def run(cfg: Config) -> dict:
                           device, cfg.seed, evaluate)
 
     final = {k: v for k, v in history[-1].items() if k not in ("step", "seconds")}
+    train_sets = [edges, train_set] if cfg.recipe == "mixed" else [train_set]  # the sets of the (last) stage
+    final.update(C.training_speed(model, train_sets, cfg.batch_size, cfg.steps, history[-1]["train_seconds"]))
+    final["mfu"] = mfu(final, device)
     final["peak_test_first_token"] = max(h["test_first_token"] for h in history)
     final["peak_test_exact"] = max(h["test_exact"] for h in history)
     for frac in (0.5, 0.9, 0.95):  # wall time to reach a held-out first-token accuracy (whole curve reported)

@@ -13,8 +13,8 @@ Chance: 1/d for the first token, 1/#leaves for the whole path.
 
 Commands
     python tree_star.py --quick                                  # CPU smoke test, ~20 s
-    python tree_star.py --device cpu --degree 8 --layers 2 --width 64 --heads 4 --steps 3000 \\
-        --batch-size 128 --lr 3e-3 --warmup 100 --pauses 2 --eval-every 250   # CPU-scale run (README)
+    OMP_NUM_THREADS=1 python tree_star.py --device cpu --degree 32 --layers 4 --width 128 --heads 4 \\
+        --steps 4000 --batch-size 256 --lr 1e-3 --warmup 300 --pauses 5 --eval-every 500  # CPU scale (README)
     python tree_star.py                                          # GPU default: T(1000,2,5), both splits
     python tree_star.py --split first-token                      # one split only
 Outputs in --out (default runs/tree_star/): results.json, tree_star.png (held-out exact match and
@@ -27,10 +27,11 @@ Settings (the paper gives no tree sizes or accuracies; v1 says k = 2)
   - peak LR 1e-3, batch 2048, warmup 1000 + cosine, weight decay 0.01, 9,000 steps per split: the lean
     recipe measured for G(5000,5) before the kit (measurements.md), budgeted so that both splits fit
     in ~10 minutes on one H100 (the paper trains for up to 50,000 epochs). NOT yet run on a GPU.
-  - The CPU-scale run uses T(8,2,5) (121 nodes, 64 leaves) and a 2 x 64 model. Measured (80-147 s on a
-    shared 2-core CPU): NOT reproduced. Split at leaf: held-out first token 1.00 (chance 1/8), but
-    exact match 0.00: per position [1, 1, .75, .75, 0], the held-out leaf itself is never emitted
-    (it was never a path target). Split at first token: held-out first token 0.00, exact 0.00.
+  - CPU scale (the command above; T(32,2,5): 481 nodes, 256 leaves; 1,379 s on a shared 2-core CPU):
+    NOT reproduced. Split at leaf: held-out first token 0.84 (chance 1/32) but exact match 0.00: per
+    position [1, .84, .91, .75, 0], the held-out leaf itself is never emitted (it was never a path
+    target; the training sibling wins). Split at first token: 0.00 everywhere. An earlier T(8,2,5),
+    2 x 64 run showed the same pattern (leaf split first token 1.00, exact 0.00).
 """
 from __future__ import annotations
 
