@@ -22,10 +22,15 @@ SPEC_KEYS = {"script", "claim", "config", "device", "seconds", "metrics", "histo
 needs_cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")
 
 
-def run_script(script, *args, out=None, timeout=300):
+# Tiny models gain nothing from a second thread, and an oversubscribed CPU (pytest plus a child
+# process, each spinning OpenMP threads) slows them down many times over.
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run_script(script, *args, out=None, timeout=600):
     """Run a kit script as a user would; returns (CompletedProcess, results dict or None)."""
     cmd = [sys.executable, os.path.join(HERE, script), *args] + (["--out", str(out)] if out else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE, env=ONE_THREAD)
     path = os.path.join(str(out), "results.json") if out else None
     results = json.load(open(path)) if path and os.path.exists(path) else None
     return proc, results
@@ -34,7 +39,7 @@ def run_script(script, *args, out=None, timeout=300):
 def run_cmd(args, cwd):
     """Run `python SCRIPT ARGS...` from the folder `cwd` (so nothing lands in the repository)."""
     return subprocess.run([sys.executable, os.path.join(HERE, args[0]), *args[1:]], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600, env=ONE_THREAD)
 
 
 def assert_results_shape(res, script):
@@ -47,7 +52,7 @@ def assert_results_shape(res, script):
 
 def assert_bad_input(script, args, tmp_path):
     out = tmp_path / "must_not_exist"
-    proc, _ = run_script(script, *args, out=out, timeout=120)
+    proc, _ = run_script(script, *args, out=out, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
