@@ -360,6 +360,16 @@ def test_star_in_weights_bench_and_staged(tmp_path):
     assert res["history"][-1]["step"] == 100 + 50
 
 
+@pytest.mark.parametrize("edges,reverse,success", [("both", False, True), ("forward", False, False),
+                                                    ("backward", False, False), ("both", True, True),
+                                                    ("backward", True, True), ("forward", True, False)])
+def test_star_in_weights_edge_direction_claims(edges, reverse, success):
+    import star_in_weights as S
+    cfg = C.cli(S.Config, "", S.QUICK, S.validate, argv=["--edges", edges] + (["--reverse-path"] if reverse else []))
+    claim, key, expect_success, _ = S.expectation(cfg, cfg.degree)
+    assert expect_success == success and ("Fig 33" in claim) == (not success)
+
+
 @pytest.mark.parametrize("args", [["--degree", "1"], ["--path-length", "1"], ["--train-ratio", "1.2"],
                                   ["--width", "65", "--heads", "4"], ["--pauses", "80"], ["--model", "rnn"],
                                   ["--hardest-token", "--reverse-path"], ["--steps", "ten"]])
