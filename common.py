@@ -1045,6 +1045,17 @@ def path_task_metrics(model, ts: TokenSet, target: str, prefix: str = "") -> dic
             f"{prefix}per_position": m[f"{prefix}per_position"]}
 
 
+def path_task_evaluator(model, g: Graph, train_set: TokenSet, test_set: TokenSet, target: str,
+                        direction: str = "both", device="cpu") -> Callable[[], dict]:
+    """The evaluation of the in-weights path task, for `train(evaluate=...)`: greedy exact match,
+    first-hop and per-position accuracy on the held-out and training paths, and edge recovery."""
+    def evaluate() -> dict:
+        return {**path_task_metrics(model, test_set, target, "test_"),
+                **path_task_metrics(model, train_set, target, "train_"),
+                **edge_metrics(model, g, direction, device=device)}
+    return evaluate
+
+
 def training_speed(model: nn.Module, sets: list[TokenSet], batch_size: int, steps: int, seconds: float) -> dict:
     """Throughput of a finished `train` run (seconds = its train_seconds, evaluation excluded):
     steps/s, examples/s and the achieved model TFLOP/s from estimate_flops_per_step."""

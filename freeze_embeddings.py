@@ -165,11 +165,10 @@ def path_star_arm(cfg: Config, frozen: bool, device: str) -> tuple[dict, list]:
     tc = C.TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
                        weight_decay=cfg.weight_decay, eval_every=cfg.eval_every, compile=cfg.compile)
 
-    def evaluate():
-        r = C.path_task_metrics(model, test_set, cfg.target, "test_")
-        r.update(C.path_task_metrics(model, train_set, cfg.target, "train_"))
-        r.update(C.edge_metrics(model, g, "both", device=device))
-        return {k: v for k, v in r.items() if not k.endswith("per_position")}
+    metrics = C.path_task_evaluator(model, g, train_set, test_set, cfg.target, "both", device)
+
+    def evaluate():  # scalars only: per-position lists are not plotted here
+        return {k: v for k, v in metrics().items() if not k.endswith("per_position")}
 
     print(f"[{name}] {g.name}: {g.num_nodes} nodes, {len(edges)} edge examples, {len(train_set)} train / "
           f"{len(test_set)} held-out leaves, {C.count_params(model)['total']:,} parameters "

@@ -150,16 +150,6 @@ def expectation(cfg: Config, d: int) -> tuple[str, str, bool, float]:
             "test_exact", True, 0.90)
 
 
-def make_evaluator(cfg, model, g, train_set, test_set, device):
-    def evaluate() -> dict:  # greedy decoding of held-out and training leaves, and edge recovery
-        out = {**C.path_task_metrics(model, test_set, target_kind(cfg), "test_"),
-               **C.path_task_metrics(model, train_set, target_kind(cfg), "train_")}
-        out.update(C.edge_metrics(model, g, cfg.edges, device=device))
-        return out
-
-    return evaluate
-
-
 def geometry(model, g: C.Graph, n_paths: int, seed: int) -> dict:
     """Fig 4: cosine distances between token embeddings of held-out paths. D_leaf[i, j] = distance
     between the leaf of path i and the first hop of path j; D_path[i, j] = mean distance between
@@ -280,7 +270,7 @@ def run(cfg: Config) -> dict:
         return C.write_results(out, SCRIPT, "throughput of the training step", cfg, device, time.time() - start,
                                speed, [], v, data=info)
 
-    evaluate = make_evaluator(cfg, model, g, train_set, test_set, device)
+    evaluate = C.path_task_evaluator(model, g, train_set, test_set, target_kind(cfg), cfg.edges, device)
     common_tc = dict(batch_size=cfg.batch_size, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                      decay_embeddings=cfg.decay_embeddings, eval_every=cfg.eval_every, compile=cfg.compile)
     if cfg.recipe == "staged":  # stage 1: edges only; stage 2: paths only, a fresh optimizer

@@ -129,12 +129,10 @@ def train_split(cfg: Config, split: str, device: str) -> tuple[dict, list]:
     tc = C.TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
                        weight_decay=cfg.weight_decay, eval_every=cfg.eval_every, compile=cfg.compile)
 
-    def evaluate():
-        r = C.path_task_metrics(model, test_set, "full", "test_")
-        r.update({k: v for k, v in C.path_task_metrics(model, train_set, "full", "train_").items()
-                  if not k.endswith("per_position")})
-        r.update(C.edge_metrics(model, g, "both", device=device))
-        return r
+    metrics = C.path_task_evaluator(model, g, train_set, test_set, "full", "both", device)
+
+    def evaluate():  # the training paths' per-position list is left out of the history
+        return {k: v for k, v in metrics().items() if k != "train_per_position"}
 
     history = C.train(model, [edges, train_set], tc, device, cfg.seed, evaluate=evaluate,
                       log=lambda s: print(f"[{split}] {s}"))
