@@ -589,6 +589,12 @@ class MambaLM(nn.Module):
         for mod in self.mixers.modules():
             if isinstance(mod, nn.Linear) and mod.bias is not None and not getattr(mod.bias, "_no_reinit", False):
                 nn.init.zeros_(mod.bias)
+        # mamba_ssm's rescale_prenorm_residual: each block's out_proj (the residual branch's last
+        # matrix, default kaiming-uniform init) is scaled by 1/sqrt(n_layer), so that the residual
+        # stream's variance does not grow with depth.
+        with torch.no_grad():
+            for mixer in self.mixers:
+                mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
         if cfg.tied:
             self.wte.weight = self.lm_head.weight
         if cfg.freeze_embeddings:
@@ -620,6 +626,16 @@ def build_model(kind: str, vocab: int, n_layer: int, n_embd: int, n_head: int, d
     return model.to(device)
 
 
+def redraw_frozen_embeddings(model: nn.Module, std: float, seed: int) -> None:
+    """Redraw the (tied) token embedding N(0, std) from a host generator (same values on any device).
+    Used for frozen-embedding runs: frozen at the GPT init N(0, 0.02) the tied logits are too flat to
+    store even the edges (measured: G(100,5), 2x64, edge top-1 0.25 after 8,000 steps), which would
+    make a failure claim trivial; at 0.2 the frozen model memorizes every edge and training path."""
+    with torch.no_grad():
+        draw = torch.randn(model.wte.weight.shape, generator=torch.Generator().manual_seed(seed))
+        model.wte.weight.copy_(draw * std)
+
+
 def model_backend(model: nn.Module) -> str:
     return getattr(model, "backend", "sdpa" if isinstance(model, GPT) else type(model).__name__)
 
@@ -637,10 +653,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     decay_embeddings: bool = True  # apply weight decay to the token embedding (paper/release: yes)
+    embed_lr_mult: float = 1.0  # the token embedding's (and tied head's) LR = this x the body LR (paper: 1)
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 0.0  # 0 = off (the release does not clip)
     eval_every: int = 500
     compile: bool = False  # torch.compile the model (CUDA only; falls back to eager on failure)
+    precision: str = "bf16"  # "bf16": autocast on CUDA (fp32 on CPU); "fp32": fp32 everywhere
+    stop_when: Callable[[dict], bool] | None = None  # end the run at the first evaluation record it accepts
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -654,29 +673,53 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, tc: TrainConfig, device) -> torch.optim.AdamW:
-    """AdamW with two groups: matrices decayed, vectors (biases, norms) and `_no_weight_decay`
-    parameters not; the token embedding is decayed iff tc.decay_embeddings. Frozen parameters
-    are left out. Every trainable parameter lands in exactly one group (asserted)."""
-    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
+    """AdamW with three named groups: "body_decay" (matrices), "body_no_decay" (biases, norms and
+    `_no_weight_decay` parameters) and "embedding" (the token embedding, with the head tied to it):
+    its LR is tc.embed_lr_mult x the schedule, its decay tc.weight_decay iff tc.decay_embeddings.
+    Every group carries its "lr_mult"; frozen parameters are left out; every trainable parameter
+    lands in exactly one group (asserted)."""
+    emb = {id(model.wte.weight)} if hasattr(model, "wte") else set()  # learned positions stay in the body
+    groups = {"body_decay": [], "body_no_decay": [], "embedding": []}
+    seen = set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        wants_decay = p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)
         if id(p) in emb:
-            wants_decay = tc.decay_embeddings
-        (decay if wants_decay else no_decay).append(p)
-    assert len(decay) + len(no_decay) == len({id(p) for p in trainable})
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups["embedding"].append(p)
+        elif p.dim() >= 2 and not getattr(p, "_no_weight_decay", False):
+            groups["body_decay"].append(p)
+        else:
+            groups["body_no_decay"].append(p)
+    assert sum(map(len, groups.values())) == len({id(p) for p in trainable})
+    settings = {"body_decay": (tc.weight_decay, 1.0), "body_no_decay": (0.0, 1.0),
+                "embedding": (tc.weight_decay if tc.decay_embeddings else 0.0, tc.embed_lr_mult)}
+    param_groups = [{"params": ps, "name": name, "weight_decay": settings[name][0], "lr_mult": settings[name][1],
+                     "lr": lr_at(0, tc) * settings[name][1]} for name, ps in groups.items() if ps]
     fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr_at(0, tc), betas=tc.betas, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=lr_at(0, tc), betas=tc.betas, fused=fused)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, a no-op elsewhere (CPU runs stay in fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else torch.autocast("cpu", enabled=False)
+def set_lr(opt: torch.optim.Optimizer, step: int, tc: TrainConfig) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, tc) * group.get("lr_mult", 1.0)
+
+
+def autocast(device, precision: str = "bf16"):
+    """bf16 autocast on CUDA when precision == "bf16"; a no-op otherwise (CPU runs, and any run that
+    asks for "fp32", stay in fp32). Scripts whose metrics are sign-sensitive (tiny-graph margins)
+    ask for fp32: bf16 rounding flips small margins."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    if torch.device(device).type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def run_precision(device, precision: str = "bf16") -> str:
+    """The precision a run actually computes in (recorded in results.json): bf16 only on CUDA."""
+    return "bf16-autocast" if torch.device(device).type == "cuda" and precision == "bf16" else "fp32"
 
 
 def batch_shares(sets: list[TokenSet], batch_size: int) -> list[int]:
@@ -691,12 +734,15 @@ def batch_shares(sets: list[TokenSet], batch_size: int) -> list[int]:
 
 
 class Sampler:
-    """Epoch-wise shuffling of each set, drawn on the host from a seeded generator and indexed on
-    the device: every example is seen once per epoch of its own set, no DataLoader."""
+    """Epoch-wise shuffling of each set: every example is seen once per epoch of its own set, no
+    DataLoader. Permutations are drawn on the sets' device from a seeded generator of that device,
+    so the host never waits for the GPU at an epoch boundary (on the CPU: the same draws as a host
+    generator)."""
 
     def __init__(self, sets: list[TokenSet], shares: list[int], seed: int):
         self.sets, self.shares = sets, shares
-        self.gen = torch.Generator().manual_seed(seed)
+        device = sets[0].inputs.device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
         self.perm = [None] * len(sets)
         self.cursor = [0] * len(sets)
 
@@ -707,7 +753,7 @@ class Sampler:
                 batch.append((s.inputs, s.labels, s.loss_pos))
                 continue
             if self.perm[i] is None or self.cursor[i] + b > len(s):
-                self.perm[i] = torch.randperm(len(s), generator=self.gen).to(s.inputs.device)
+                self.perm[i] = torch.randperm(len(s), generator=self.gen, device=s.inputs.device)
                 self.cursor[i] = 0
             idx = self.perm[i][self.cursor[i]: self.cursor[i] + b]
             self.cursor[i] += b
@@ -735,29 +781,43 @@ def try_compile(model: nn.Module, enabled: bool, device) -> nn.Module:
         return model
 
 
-def guarded_loss(fwd: nn.Module, model: nn.Module, batch, device) -> tuple[torch.Tensor, nn.Module]:
-    """The batch loss through the compiled module; compilation is lazy, so a compiler failure shows
-    up here, at the first call: then warn once and go on with the eager model."""
+def optimizer_step(fwd: nn.Module, model: nn.Module, opt, batch, tc: TrainConfig, device) -> torch.Tensor:
+    """One training step through `fwd` (the compiled or the eager model): loss, backward, clip, step."""
+    with autocast(device, tc.precision):
+        loss = batch_loss(fwd, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    opt.step()
+    return loss.detach()
+
+
+def guarded_step(fwd: nn.Module, model: nn.Module, opt, batch, tc: TrainConfig, device):
+    """optimizer_step, falling back to the eager model when the compiled one fails. Compilation is
+    lazy for the forward *and* the backward graph, so a compiler failure shows up in either during
+    the first step; nothing has been applied to the weights then (opt.step comes last), so the step
+    is redone eagerly. Returns (loss, the module to use from now on)."""
     try:
-        with autocast(device):
-            return batch_loss(fwd, batch), fwd
-    except Exception as exc:  # noqa: BLE001
+        return optimizer_step(fwd, model, opt, batch, tc, device), fwd
+    except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
         if fwd is model:
             raise
         print(f"torch.compile failed at the first step ({type(exc).__name__}: {str(exc)[:200]}); running eager",
               file=sys.stderr)
-        with autocast(device):
-            return batch_loss(model, batch), model
+        return optimizer_step(model, model, opt, batch, tc, device), model
 
 
 def train(model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, seed: int = 0,
           evaluate: Callable[[], dict] | None = None, log: Callable[[str], None] = print,
-          optimizer=None, step_offset: int = 0) -> list[dict]:
+          optimizer=None, step_offset: int = 0, seconds_offset: float = 0.0) -> list[dict]:
     """Train on mixed batches of `sets` for tc.steps steps; call `evaluate()` every tc.eval_every
-    steps and at the end. Returns the history: one dict per evaluation with the step, the
-    seconds since the start, the mean training loss since the last evaluation and the metrics.
-    Nothing syncs with the device between evaluations."""
+    steps and at the end. Returns the history: one dict per evaluation with the step, the epoch
+    (passes over all of `sets`), the seconds since the start (+ seconds_offset, for staged runs),
+    the mean training loss since the last evaluation and the metrics. The last entry also holds
+    train_seconds and eval_seconds. Nothing syncs with the device between evaluations."""
     shares = batch_shares(sets, tc.batch_size)
+    examples = sum(len(s) for s in sets)
     sampler = Sampler(sets, shares, seed)
     opt = optimizer or make_optimizer(model, tc, device)
     fwd = try_compile(model, tc.compile, device)
@@ -767,10 +827,11 @@ def train(model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, seed:
     for step in range(tc.steps + 1):
         if step % tc.eval_every == 0 or step == tc.steps:
             t0 = time.time()
-            record = {"step": step + step_offset, "seconds": round(t0 - start, 2),
+            record = {"step": step + step_offset, "epoch": round(step * sum(shares) / examples, 3),
+                      "seconds": round(t0 - start + seconds_offset, 2),
                       "train_loss": (running.item() / n_running) if n_running else None}
             model.eval()
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, tc.precision):
                 record.update(evaluate() if evaluate else {})
             model.train()
             eval_seconds += time.time() - t0
@@ -778,19 +839,17 @@ def train(model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, seed:
             running.zero_()
             n_running = 0
             log(progress_line(record, tc.steps + step_offset))
+            if tc.stop_when is not None and step < tc.steps and tc.stop_when(record):
+                record["stopped_early"] = True  # the schedule still spans tc.steps: the curve so far is unchanged
+                break
         if step == tc.steps:
             break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        loss, fwd = guarded_loss(fwd, model, sampler.next(), device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        running += loss.detach()
+        set_lr(opt, step, tc)
+        loss, fwd = guarded_step(fwd, model, opt, sampler.next(), tc, device)
+        running += loss
         n_running += 1
     history[-1]["train_seconds"] = round(time.time() - start - eval_seconds, 2)
+    history[-1]["eval_seconds"] = round(eval_seconds, 2)
     return history
 
 
@@ -806,10 +865,21 @@ def progress_line(record: dict, total_steps: int) -> str:
 # ======================================================================================
 # Evaluation
 # ======================================================================================
+EVAL_BUDGET = 2 ** 25  # logits held at once by an evaluation chunk (128 MB in fp32): memory stays flat in V
+
+
+def eval_chunk(model, n_logit_rows_per_example: int = 1, budget: int = EVAL_BUDGET) -> int:
+    """Examples per evaluation chunk so that one chunk's logits (chunk x rows x V) fit the budget
+    (a model without a config, e.g. a test oracle, is assumed to have a 64k vocabulary)."""
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", 2 ** 16)
+    return max(1, budget // max(1, n_logit_rows_per_example * vocab))
+
+
 @torch.no_grad()
-def greedy_generate(model, prefix: torch.Tensor, n_new: int, chunk: int = 4096) -> torch.Tensor:
+def greedy_generate(model, prefix: torch.Tensor, n_new: int, chunk: int | None = None) -> torch.Tensor:
     """Greedy decoding of n_new tokens after each prefix (B, P) -> (B, n_new). Sequences are a few
     tokens long, so each step re-runs the prefix (no KV cache)."""
+    chunk = chunk or eval_chunk(model)
     outs = []
     for i in range(0, prefix.shape[0], chunk):
         seq = prefix[i: i + chunk]
@@ -822,48 +892,91 @@ def greedy_generate(model, prefix: torch.Tensor, n_new: int, chunk: int = 4096) 
 
 
 @torch.no_grad()
-def sequence_metrics(model, ts: TokenSet, prefix: str = "", teacherless: bool = False, chunk: int = 4096) -> dict:
+def teacher_forced(model, ts: TokenSet, probe: int | None = None, chunk: int | None = None):
+    """Teacher-forced argmax at every loss position (n, A); with `probe` (an answer index, e.g. the
+    first hop's) also the cross-entropy and the rank (1 = top) of the true token there: a progress
+    signal that moves long before greedy accuracy does."""
+    chunk = chunk or eval_chunk(model, len(ts.loss_pos))
+    preds, losses, ranks = [], [], []
+    for i in range(0, len(ts), chunk):
+        logits = model(ts.inputs[i: i + chunk], ts.loss_pos).float()  # (c, A, V)
+        preds.append(logits.argmax(-1))
+        if probe is not None:
+            lp, y = logits[:, probe], ts.labels[i: i + chunk, probe]  # (c, V), (c,)
+            losses.append(F.cross_entropy(lp, y, reduction="none"))
+            ranks.append((lp > lp.gather(1, y[:, None])).sum(1).float() + 1)
+    pred = torch.cat(preds)
+    if probe is None:
+        return pred, None
+    return pred, {"loss": torch.cat(losses).mean().item(), "rank": torch.cat(ranks).mean().item()}
+
+
+@torch.no_grad()
+def sequence_metrics(model, ts: TokenSet, prefix: str = "", teacherless: bool = False, probe: int | None = None,
+                     keep_generated: bool = False) -> dict:
     """Free-generation (greedy) exact match and per-position accuracy on a set, plus teacher-forced
-    token accuracy. For teacherless sets every answer is predicted in one pass from the prompt."""
+    token accuracy (and, with `probe`, the true token's loss and rank at that answer index). For
+    teacherless sets every answer is predicted in one pass from the prompt."""
     labels = ts.labels  # (n, A)
     n_ans = labels.shape[1]
     P = int(ts.loss_pos[0]) + 1  # prompt length
-    tf_pred = torch.cat([model(ts.inputs[i: i + chunk], ts.loss_pos).argmax(-1) for i in range(0, len(ts), chunk)])
-    gen = tf_pred if teacherless else greedy_generate(model, ts.inputs[:, :P], n_ans, chunk)
+    tf_pred, signal = teacher_forced(model, ts, probe)
+    gen = tf_pred if teacherless else greedy_generate(model, ts.inputs[:, :P], n_ans)
     correct = (gen == labels).float()  # (n, A)
     out = {f"{prefix}exact": correct.all(1).float().mean().item(),
            f"{prefix}tf_token": (tf_pred == labels).float().mean().item()}
     out[f"{prefix}per_position"] = [round(v, 5) for v in correct.mean(0).tolist()]
+    out[f"{prefix}tf_per_position"] = [round(v, 5) for v in (tf_pred == labels).float().mean(0).tolist()]
+    if signal is not None:
+        out[f"{prefix}probe_loss"], out[f"{prefix}probe_rank"] = signal["loss"], signal["rank"]
+    if keep_generated:  # (n, A) tensors for callers that score the generations themselves
+        out["generated"], out["teacher_forced"] = gen, tf_pred
     return out
 
 
 @torch.no_grad()
 def edge_metrics(model, g: Graph, direction: str = "both", self_edges: bool = False, device="cpu",
-                 chunk: int = 2048) -> dict:
+                 chunk: int | None = None) -> dict:
     """Edge memorization from `[EDGE] u` prompts over every node with out-edges:
-    top1_valid = the argmax is a true out-neighbour; topk = fraction of u's out-neighbours among its
-    top-deg(u) predictions (full vocabulary), averaged over nodes (100% = memorized)."""
+    top1_valid = the argmax is a true out-neighbour; topk = fraction of u's deg(u) out-neighbours
+    among its top-deg(u) predictions (full vocabulary), averaged over nodes (100% = memorized).
+
+    Memory is linear in the degree: instead of comparing top-K index lists with neighbour lists
+    (K = the root's degree d, a (chunk, d, d) tensor: 100 GB at d = 5000), each neighbour's logit is
+    compared with its row's deg(u)-th largest logit t_u, read off a top-(deg+1) selection; only rows
+    whose ties run past it are counted over the full vocabulary. Ties at t_u are shared out as a
+    random tie-break would (expected hits), so an all-equal row scores deg/V, not 1."""
     pairs = directed_edges(g, direction, self_edges)
-    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
-    pairs = pairs[order]
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # CSR: grouped by source node
     nodes, starts, deg = np.unique(pairs[:, 0], return_index=True, return_counts=True)
-    K = int(deg.max())
-    nbrs = np.full((len(nodes), K), -1, dtype=np.int64)
-    for j, (s, c) in enumerate(zip(starts, deg)):
-        nbrs[j, :c] = pairs[s: s + c, 1]
-    nbrs_t, deg_t = torch.from_numpy(nbrs).to(device), torch.from_numpy(deg).to(device)
+    chunk = chunk or eval_chunk(model)
+    pairs_t = torch.from_numpy(pairs).to(device)
     edge_tok = special("[EDGE]", g.num_nodes)
     top1_hits, topk_frac = [], []
     for i in range(0, len(nodes), chunk):
         u = torch.from_numpy(nodes[i: i + chunk]).to(device)
-        x = torch.stack([torch.full_like(u, edge_tok), u], 1)
+        dg = torch.from_numpy(deg[i: i + chunk]).to(device)  # (c,)
+        lo, hi = int(starts[i]), int(starts[min(i + chunk, len(nodes)) - 1] + deg[min(i + chunk, len(nodes)) - 1])
+        row = torch.repeat_interleave(torch.arange(len(u), device=device), dg)  # (p,) local row of each pair
+        v = pairs_t[lo:hi, 1]  # (p,) neighbour ids
+        x = torch.stack([torch.full_like(u, edge_tok), u], 1)  # (c, 2)
         logits = model(x, torch.tensor([1], device=device))[:, 0].float()  # (c, V)
-        top = logits.topk(K, -1).indices  # (c, K)
-        nb, dg = nbrs_t[i: i + chunk], deg_t[i: i + chunk]
-        within = torch.arange(K, device=device)[None, :] < dg[:, None]  # top-deg(u) slots
-        hit = ((top[:, :, None] == nb[:, None, :]) & within[:, :, None]).any(1) & (nb >= 0)  # (c, K)
-        topk_frac.append(hit.sum(1).float() / dg.float())
-        top1_hits.append((top[:, :1] == nb).any(1).float())
+        k_top = min(int(dg.max()) + 1, logits.shape[1])
+        top_vals, top_idx = logits.topk(k_top, -1)  # (c, k_top) sorted, largest first
+        thr = top_vals.gather(1, (dg - 1)[:, None])  # (c, 1) deg(u)-th largest
+        above = (top_vals > thr).sum(1)  # (c,) tokens strictly inside the top-deg set (all among the top k_top)
+        tied = (top_vals == thr).sum(1)  # (c,) tokens sharing the last slots, exact unless ties run past k_top:
+        spill = (top_vals[:, -1] == thr[:, 0]).nonzero()[:, 0]  # rows whose ties may go on (rare: untrained rows)
+        if len(spill):
+            tied[spill] = (logits[spill] == thr[spill]).sum(1)
+        nb_logit = logits[row, v]  # (p,)
+        nb_above = torch.zeros_like(dg).index_add_(0, row, (nb_logit > thr[row, 0]).long())
+        nb_tied = torch.zeros_like(dg).index_add_(0, row, (nb_logit == thr[row, 0]).long())
+        hits = nb_above + nb_tied * (dg - above).float() / tied.float()  # expected hits under a random tie-break
+        topk_frac.append(hits / dg.float())
+        top = top_idx[:, 0]  # (c,) the argmax
+        is_nb = torch.zeros_like(dg).index_add_(0, row, (v == top[row]).long())
+        top1_hits.append((is_nb > 0).float())
     return {"edge_top1_valid": torch.cat(top1_hits).mean().item(), "edge_topk": torch.cat(topk_frac).mean().item()}
 
 
@@ -936,10 +1049,38 @@ def cli(config_cls, description: str, quick: dict, validate: Callable | None = N
     cfg = config_cls(**args)
     if getattr(cfg, "device", "auto") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but CUDA is not available")
-    problem = validate(cfg) if validate else None
+    problem = common_problems(cfg) or (validate(cfg) if validate else None)
     if problem:
         parser.error(problem)
     return cfg
+
+
+def common_problems(cfg) -> str | None:
+    """Checks every script shares: finite numbers, a non-negative seed, an --out that is not a file,
+    a warmup no longer than the run."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"--{f.name.replace('_', '-')} must be a finite number (got {value})"
+    if getattr(cfg, "seed", 0) < 0:
+        return f"--seed must be >= 0 (got {cfg.seed})"
+    out = getattr(cfg, "out", "")
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out!r} is an existing file, not a folder"
+    if hasattr(cfg, "warmup") and hasattr(cfg, "steps") and cfg.warmup > cfg.steps:
+        return f"--warmup {cfg.warmup} is longer than --steps {cfg.steps}"
+    return None
+
+
+def check_ranges(cfg, positive=(), non_negative=(), fraction=()) -> str | None:
+    """One-line message for the first field out of range (names as on the command line), else None:
+    positive = > 0, non_negative = >= 0, fraction = strictly inside (0, 1)."""
+    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fraction, lambda v: 0 < v < 1, "strictly between 0 and 1")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                return f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})"
+    return None
 
 
 def _fail(prog: str, message: str):
@@ -1010,15 +1151,104 @@ def verdict(value: float, threshold: float, criterion: str, higher_is_better: bo
     return {"reproduced": bool(ok), "criterion": criterion, "value": float(value), "threshold": threshold}
 
 
+# --- "this fails" claims: at chance (two-sided) *and* everything the model was given was learned ---
+CHANCE_ALPHA = 1e-3  # two-sided binomial test level for "at chance"
+LEARNED = 0.99  # what a model was trained on counts as learned at this accuracy (edges, training paths)
+
+
+def binomial_tail(hits: int, n: int, p: float, upper: bool = True) -> float:
+    """P[Binomial(n, p) >= hits] (upper) or P[Binomial(n, p) <= hits] (lower), in log space."""
+    ks = range(hits, n + 1) if upper else range(0, hits + 1)
+    if (upper and hits <= 0) or (not upper and hits >= n):
+        return 1.0
+    if p <= 0 or p >= 1:
+        return float((p >= 1) == upper)
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
+            for k in ks]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in logs))
+
+
+def chance_band(n: int, p: float, alpha: float = CHANCE_ALPHA) -> tuple[float, float]:
+    """Accuracies (lo, hi) that n guesses at chance p produce with probability >= 1 - alpha: the
+    hit counts k with P[X <= k] > alpha/2 and P[X >= k] > alpha/2, X ~ Binomial(n, p), over n."""
+    ks = [k for k in range(n + 1) if binomial_tail(k, n, p, upper=False) > alpha / 2
+          and binomial_tail(k, n, p, upper=True) > alpha / 2]
+    return min(ks) / n, max(ks) / n
+
+
+def failure_verdict(accuracy: float, n: int, chance: float, learned: dict, claim_text: str,
+                    control: float | None = None) -> dict:
+    """Verdict of a "this fails" claim: the held-out accuracy (n examples) lies inside the two-sided
+    binomial band of chance, AND every precondition in `learned` (name -> measured accuracy of
+    something the model was trained on, e.g. edges, training paths) reached LEARNED, AND, when a
+    `control` accuracy is given (the same budget without the ablation, on the same n held-out
+    examples), the control rose above the band. A model that learned nothing is not evidence of
+    failure, one far *below* chance is not "at chance", and a budget under which nothing generalizes
+    says nothing about the ablation."""
+    lo, hi = chance_band(n, chance)
+    at_chance = lo <= accuracy <= hi
+    missing = {k: v for k, v in learned.items() if not v >= LEARNED}
+    control_ok = control is None or control > hi
+    text = (f"{claim_text}: held-out accuracy inside the chance band [{lo:.3g}, {hi:.3g}] (chance {chance:.3g}, "
+            f"n={n}, two-sided binomial alpha {CHANCE_ALPHA:g}) while {', '.join(learned)} >= {LEARNED}")
+    v = verdict(accuracy, hi, text + ("" if control is None else "; the control (same budget) above the band"),
+                higher_is_better=False)
+    v.update(reproduced=bool(at_chance and not missing and control_ok), at_chance=bool(at_chance),
+             chance_band=[lo, hi], preconditions={k: float(x) for k, x in learned.items()},
+             preconditions_met=not missing)
+    if control is not None:
+        v.update(control=float(control), control_learns=bool(control_ok))
+    if missing:
+        v["why_not"] = f"not learned: {', '.join(f'{k} {x:.3f}' for k, x in missing.items())}"
+    elif not at_chance:
+        v["why_not"] = f"accuracy {accuracy:.4g} outside the chance band [{lo:.3g}, {hi:.3g}]"
+    elif not control_ok:
+        v["why_not"] = f"the control did not generalize either ({control:.4g}): the budget is too small to tell"
+    return v
+
+
+def no_claim(criterion: str) -> dict:
+    """The verdict slot of a run that measures something but tests no paper claim (e.g. --bench)."""
+    return {"reproduced": None, "criterion": criterion, "value": None, "threshold": None}
+
+
+SPEED_KEYS = ("train_seconds", "eval_seconds", "steps_per_s", "examples_per_s", "model_tflops_per_s", "mfu",
+              "warmup_seconds", "speedup_vs_release", "eval_fraction")
+
+
+def split_speed(metrics: dict) -> tuple[dict, dict]:
+    """Move wall-clock figures (anything timing-dependent, nested dicts too) out of `metrics` into a
+    `speed` dict, so that two runs with the same seed and flags have identical metrics."""
+    science, speed = {}, {}
+    for k, v in metrics.items():
+        if k in SPEED_KEYS or k.startswith("seconds"):
+            speed[k] = v
+        elif isinstance(v, dict):
+            science[k], inner = split_speed(v)
+            if inner:
+                speed[k] = inner
+        else:
+            science[k] = v
+    return science, speed
+
+
 def write_results(out: str, script: str, claim: str, cfg, device: str, seconds: float, metrics: dict,
-                  history: list, result_verdict: dict, **extra) -> dict:
+                  history: list, result_verdict: dict, speed: dict | None = None, **extra) -> dict:
+    """results.json: the science (`metrics`, `history`, `verdict`) and, apart, `speed` (wall clock)."""
+    metrics, moved = split_speed(metrics)
     results = {"script": script, "claim": claim, "config": dataclasses.asdict(cfg), "device": device,
                "torch": torch.__version__, "seconds": round(seconds, 2), "metrics": metrics,
-               "history": history, "verdict": result_verdict, **extra}
+               "speed": {**moved, **(speed or {})}, "history": history, "verdict": result_verdict, **extra}
     write_json(os.path.join(out, "results.json"), results)
     v = result_verdict
-    print(f"[{script}] {'REPRODUCED' if v['reproduced'] else 'NOT REPRODUCED'}: {v['criterion']} "
-          f"-> measured {v['value']:.4f} ({seconds:.0f} s on {device}); wrote {os.path.join(out, 'results.json')}")
+    if v["reproduced"] is None:
+        head, value = "NO CLAIM", ""
+    else:
+        head, value = ("REPRODUCED" if v["reproduced"] else "NOT REPRODUCED"), f" -> measured {v['value']:.4f}"
+    why = f" [{v['why_not']}]" if v.get("why_not") and not v["reproduced"] else ""
+    print(f"[{script}] {head}: {v['criterion']}{value}{why} ({seconds:.0f} s on {device}); "
+          f"wrote {os.path.join(out, 'results.json')}")
     return results
 
 
@@ -1036,23 +1266,34 @@ def in_weights_path_sets(g: Graph, pauses: int, target: str = "full", direction:
     return edges, train, test
 
 
+def first_hop_index(target: str, n_answers: int) -> int:
+    """Index of the first hop a1 among the answer tokens of a path set built with `target`."""
+    return {"first": 0, "full": 1, "reverse": n_answers - 2}[target]
+
+
 def path_task_metrics(model, ts: TokenSet, target: str, prefix: str = "") -> dict:
     """Greedy exact match and first-hop (a1) accuracy of a path set built with `target` in
-    {full, first, reverse}, plus the per-position accuracy."""
-    m = sequence_metrics(model, ts, prefix)
-    a1 = {"first": 0, "full": 1, "reverse": ts.labels.shape[1] - 2}[target]
+    {full, first, reverse}, the greedy and teacher-forced per-position accuracy, and the progress
+    signal at a1: the true a1's teacher-forced loss and mean rank (1 = top; chance (V+1)/2)."""
+    a1 = first_hop_index(target, ts.labels.shape[1])
+    m = sequence_metrics(model, ts, prefix, probe=a1)
     return {f"{prefix}exact": m[f"{prefix}exact"], f"{prefix}first_token": m[f"{prefix}per_position"][a1],
-            f"{prefix}per_position": m[f"{prefix}per_position"]}
+            f"{prefix}per_position": m[f"{prefix}per_position"], f"{prefix}tf_per_position": m[f"{prefix}tf_per_position"],
+            f"{prefix}a1_loss": m[f"{prefix}probe_loss"], f"{prefix}a1_rank": m[f"{prefix}probe_rank"]}
 
 
 def path_task_evaluator(model, g: Graph, train_set: TokenSet, test_set: TokenSet, target: str,
                         direction: str = "both", device="cpu") -> Callable[[], dict]:
     """The evaluation of the in-weights path task, for `train(evaluate=...)`: greedy exact match,
-    first-hop and per-position accuracy on the held-out and training paths, and edge recovery."""
+    first-hop and per-position accuracy and the a1 progress signal on the held-out and training
+    paths, and edge recovery. Edges are always scored in both directions (edge_topk), and in the
+    trained direction too when only one was trained (edge_topk_trained)."""
     def evaluate() -> dict:
-        return {**path_task_metrics(model, test_set, target, "test_"),
-                **path_task_metrics(model, train_set, target, "train_"),
-                **edge_metrics(model, g, direction, device=device)}
+        out = {**path_task_metrics(model, test_set, target, "test_"),
+               **path_task_metrics(model, train_set, target, "train_")}
+        out.pop("train_tf_per_position")
+        out.update(edge_metrics(model, g, direction, device=device))
+        return out
     return evaluate
 
 
@@ -1195,21 +1436,57 @@ def skew_middle(E: np.ndarray, W: np.ndarray) -> np.ndarray:
     return Vh.T @ (diag[:, None] * Vh)  # (m, m)
 
 
-def geometric_margin(E: np.ndarray, W: np.ndarray, targets: np.ndarray, bias: np.ndarray | None = None) -> dict:
-    """Margins of a one-middle-matrix model whose node-u logits are E_u W^T E^T + (E b)^T (an
-    nn.Linear x -> x W^T + b between tied (un)embeddings): the real model ('original') and the model
-    with W replaced by its diagonal in E's singular basis ('skewed'; > 0 = geometric storage)."""
+def skew_logits(E: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """B.5 item 4 stated on the logits: keep only the diagonal of the node-to-node logits L (N, N) in
+    the left-singular basis U of the node embeddings E (N, m): L' = U diag(diag(U^T L U)) U^T.
+    For a bias-free middle matrix, L = E W^T E^T, this is exactly E skew_middle(E, W)^T E^T (since
+    u_i^T L u_i = s_i^2 (Vh W Vh^T)_ii); it needs no W, so it means the same for every architecture
+    and for every way of writing the same logits. Parts of L outside span(U) are dropped (none when
+    the N embeddings are linearly independent). Degenerate singular values would leave U, and so L',
+    undetermined (one-hot E, for instance); trained and random embeddings generically do not."""
+    U, s, _ = np.linalg.svd(E, full_matrices=False)
+    U = U[:, s > s.max() * 1e-10]  # (N, r) node-space directions the embedding uses
+    diag = np.einsum("ni,nk,ki->i", U, L, U)  # (r,) u_i^T L u_i
+    return (U * diag) @ U.T
+
+
+def geometric_margin(E: np.ndarray, L: np.ndarray, targets: np.ndarray) -> dict:
+    """The kit's geometric margin for any tied model: L (N, N) = the model's own logits over the node
+    columns for the prompts `[EDGE] u` (rows u), E (N, m) = the node embeddings. 'original' = margin of
+    L; 'skewed' = margin of skew_logits(E, L) (> 0: cosine geometry alone stores the edges).
+    A function of (E, L) only: how the model splits its map into matrices and biases cannot move it.
+    logits_outside_span = ||L - P L P||_F / ||L||_F with P the projector on span(E) (0 when N <= m)."""
+    U, s, _ = np.linalg.svd(E, full_matrices=False)
+    U = U[:, s > s.max() * 1e-10]
+    P = U @ U.T  # (N, N) projector on the span of the embeddings
+    (m_orig, t_orig), (m_skew, t_skew) = logit_margin(L, targets), logit_margin(skew_logits(E, L), targets)
+    return {"margin_original": m_orig, "margin_skewed": m_skew, "top1_original": t_orig, "top1_skewed": t_skew,
+            "logits_outside_span": float(np.linalg.norm(L - P @ L @ P) / max(np.linalg.norm(L), 1e-30))}
+
+
+def middle_logits(E: np.ndarray, W: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """Node-to-node logits E W^T E^T + 1 (E b)^T of a one-matrix model (x -> x W^T + b between tied
+    (un)embeddings): the bias adds the same column offset (E b)_v to every row."""
     col_bias = np.zeros(len(E)) if bias is None else E @ bias  # (N,)
-    original = E @ W.T @ E.T + col_bias[None, :]  # (N, N)
-    skewed = E @ skew_middle(E, W).T @ E.T + col_bias[None, :]
+    return E @ W.T @ E.T + col_bias[None, :]
+
+
+def geometric_margin_bias_apart(E: np.ndarray, W: np.ndarray, targets: np.ndarray,
+                                bias: np.ndarray | None = None) -> dict:
+    """The pre-fix definition, kept only to report (never for a verdict): W replaced by skew_middle,
+    the bias b added back unskewed. Not a function of the model: when E c = 1 has a solution (always
+    when N <= m), (W + b c^T, 0) gives the same logits as (W, b) but another skewed margin."""
+    original = middle_logits(E, W, bias)
+    skewed = middle_logits(E, skew_middle(E, W), bias)
     (m_orig, t_orig), (m_skew, t_skew) = logit_margin(original, targets), logit_margin(skewed, targets)
     return {"margin_original": m_orig, "margin_skewed": m_skew, "top1_original": t_orig, "top1_skewed": t_skew}
 
 
 def effective_middle(E: np.ndarray, H: np.ndarray):
     """Least-squares (min-norm) affine map H ~ E W^T + b from node embeddings E (N, m) to the final
-    hidden states H (N, m) a deep model produces for `[EDGE] u`; exact when N <= m + 1. Lets the
-    geometric margin be asked of models without a single middle matrix (Transformer, Mamba).
+    hidden states H (N, m) a deep model produces for `[EDGE] u`; exact when N <= m + 1. The split
+    into W and b is NOT unique when N <= m (b folds into W), so geometric_margin_bias_apart of it is
+    reported only, labelled; geometric_margin uses the logits H E^T instead.
     Returns (W (m, m), b (m,), max abs fit error)."""
     X = np.concatenate([E, np.ones((len(E), 1))], 1)  # (N, m + 1)
     sol = np.linalg.lstsq(X, H, rcond=None)[0]  # (m + 1, m)
@@ -1223,6 +1500,16 @@ def edge_prompt_hidden(model: nn.Module, num_nodes: int, device="cpu") -> np.nda
     u = torch.arange(num_nodes, device=device)
     x = torch.stack([torch.full_like(u, special("[EDGE]", num_nodes)), u], 1)  # (N, 2)
     return model.hidden(x)[:, 1].double().cpu().numpy()
+
+
+@torch.no_grad()
+def edge_prompt_logits(model: nn.Module, num_nodes: int, device="cpu") -> np.ndarray:
+    """The model's next-token logits after `[EDGE] u` over the node columns: (N, N) float64, row u.
+    Computed in fp32 (no autocast): bf16 rounding flips small margins."""
+    u = torch.arange(num_nodes, device=device)
+    x = torch.stack([torch.full_like(u, special("[EDGE]", num_nodes)), u], 1)  # (N, 2)
+    with autocast(device, "fp32"):
+        return model(x, torch.tensor([1], device=device))[:, 0, :num_nodes].double().cpu().numpy()
 
 
 class Node2Vec(nn.Module):
