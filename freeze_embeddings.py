@@ -32,16 +32,17 @@ Settings vs the paper (E.1: GPT-mid, frozen embeddings, 50,000 epochs, LR grid o
   - (b) peak LR 1e-3, batch 2048, warmup 1000 + cosine, weight decay 0.01, sinusoidal positions, 5
     pauses, 10,000 steps per arm: the lean recipe of measurements.md, budgeted so both arms fit in
     ~10 minutes on one H100. At that budget the pre-kit measurement put the trainable model at only
-    ~0.2-1% held-out on G(5000,5) (chance 0.02%), so the default verdict asks for "clearly above
-    chance" (>= 10x chance and binomial p < 1e-3), not the paper's eventual near-100%. NOT yet run on a GPU.
+    ~0.2-1% held-out on G(5000,5) (chance 0.02%), so the verdict asks the trainable control only to
+    rise above the two-sided binomial chance band (alpha 1e-3), not for the paper's eventual near-100%.
+    NOT yet run on a GPU.
+  - Verdict (common.failure_verdict): the frozen arm's held-out a1 accuracy inside the chance band,
+    its edges and training leaves memorized (>= 0.99), the trainable control above the band.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
-import torch
 
 import common as C
 
@@ -81,7 +82,6 @@ class Config:
     weight_decay: float = C.arg(0.01, "(b) AdamW weight decay")
     # evaluation
     eval_every: int = C.arg(1000, "(b) steps between evaluations")
-    success_factor: float = C.arg(10.0, "(b) trainable 'learns' if held-out accuracy >= this x chance (and p < 1e-3)")
 
 
 QUICK = dict(assoc_steps=5, degree=8, path_length=4, layers=2, width=64, heads=4, pauses=2, steps=150,
@@ -106,23 +106,10 @@ def validate(cfg: Config) -> str | None:
         return "widths, layers, heads, steps, --batch-size and --eval-every must be >= 1"
     if cfg.width % cfg.heads:
         return f"--width {cfg.width} is not divisible by --heads {cfg.heads}"
-    if cfg.assoc_lr <= 0 or cfg.lr <= 0 or cfg.warmup < 0 or cfg.weight_decay < 0 or cfg.success_factor <= 1 \
-            or cfg.frozen_embed_std <= 0:
-        return "learning rates and --frozen-embed-std must be > 0, --warmup and --weight-decay >= 0, --success-factor > 1"
-    return None
+    return C.check_ranges(cfg, positive=("assoc_lr", "lr", "frozen_embed_std"), non_negative=("warmup", "weight_decay"))
 
 
 # ---------------------------------------------------------------------------- CLAIM LOGIC
-def binomial_p_at_least(hits: int, n: int, p: float) -> float:
-    """P[Binomial(n, p) >= hits]: how surprising `hits` correct answers are under chance p."""
-    if hits <= 0:
-        return 1.0
-    log_terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
-                 + (n - k) * math.log1p(-p) for k in range(hits, n + 1)]
-    top = max(log_terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
-
-
 def associative_memory(cfg: Config, device: str) -> tuple[dict, list]:
     """(a) One trainable m x m matrix between frozen tied embeddings: logits(u) = E (W e_u + b)."""
     g = C.path_star(cfg.assoc_degree, cfg.assoc_path_length, cfg.seed)
@@ -133,7 +120,7 @@ def associative_memory(cfg: Config, device: str) -> tuple[dict, list]:
                           tied=True, freeze_embeddings=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tc = C.TrainConfig(steps=cfg.assoc_steps, batch_size=0, lr=cfg.assoc_lr, schedule="constant",
-                       weight_decay=0.0, eval_every=1)
+                       weight_decay=0.0, eval_every=1, precision="fp32")  # bf16 rounding would blur a 10-step race
     history = C.train(model, [edges], tc, device, cfg.seed, evaluate=lambda: C.edge_metrics(model, g, "both", device=device),
                       log=lambda s: print(f"[associative] {s}"))
     first_full = next((h["step"] for h in history if h["edge_topk"] >= 1.0), None)
@@ -150,9 +137,7 @@ def build_path_model(cfg: Config, g: C.Graph, frozen: bool, device: str):
     model = C.build_model("gpt", C.vocab_size(g.num_nodes), cfg.layers, cfg.width, cfg.heads, device,
                           block_size=2 + cfg.pauses + cfg.path_length, freeze_embeddings=frozen)
     if frozen:
-        with torch.no_grad():
-            draw = torch.randn(model.wte.weight.shape, generator=torch.Generator().manual_seed(cfg.seed))
-            model.wte.weight.copy_(draw * cfg.frozen_embed_std)  # drawn on the host: same values on any device
+        C.redraw_frozen_embeddings(model, cfg.frozen_embed_std, cfg.seed)
     return model
 
 
@@ -175,11 +160,11 @@ def path_star_arm(cfg: Config, frozen: bool, device: str) -> tuple[dict, list]:
           f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable)")
     history = C.train(model, [edges, train_set], tc, device, cfg.seed, evaluate=evaluate,
                       log=lambda s: print(f"[{name}] {s}"))
-    final = {k: v for k, v in history[-1].items() if k not in ("step", "seconds", "train_loss")}
+    final = {k: v for k, v in history[-1].items() if k not in ("step", "seconds", "train_loss", "epoch")}
     n_test = len(test_set)
     hits = round(final["test_first_token"] * n_test)
-    final.update(test_leaves=n_test, test_hits=hits, p_value_vs_chance=binomial_p_at_least(hits, n_test, 1 / cfg.degree),
-                 best_test_first_token=max(h["test_first_token"] for h in history),
+    final.update(test_leaves=n_test, test_hits=hits, best_test_first_token=max(h["test_first_token"] for h in history),
+                 p_value_vs_chance=C.binomial_tail(hits, n_test, 1 / cfg.degree),
                  **C.training_speed(model, [edges, train_set], cfg.batch_size, cfg.steps, history[-1]["train_seconds"]))
     return final, [{**h, "part": name} for h in history]
 
@@ -209,20 +194,18 @@ def plot(histories: dict, cfg: Config, out: str) -> list[str]:
 
 
 def compute_verdict(assoc: dict, frozen: dict, trainable: dict, cfg: Config) -> dict:
-    chance = 1 / cfg.degree
+    """(a) associative top-k recovery 1.0; (b) a failure claim with its control: the frozen arm at
+    chance (two-sided binomial band) while it memorized the edges and its training leaves, and the
+    trainable arm (same budget) above the band."""
+    trained = "train_first_token" if cfg.target == "first" else "train_exact"
+    v = C.failure_verdict(frozen["test_first_token"], frozen["test_leaves"], 1 / cfg.degree,
+                          {"frozen edge_topk": frozen["edge_topk"], f"frozen {trained}": frozen[trained]},
+                          "(b) frozen arm's held-out first hop a1", control=trainable["test_first_token"])
     memorized = assoc["edge_topk"] >= 1.0
-    # the frozen arm's failure only speaks to composition if it did store what it was shown
-    frozen_stored = frozen["edge_topk"] >= 0.99 and frozen["train_first_token"] >= 0.99
-    frozen_at_chance = frozen["p_value_vs_chance"] >= 0.01  # not distinguishable from guessing an arm
-    learns = trainable["test_first_token"] >= cfg.success_factor * chance and trainable["p_value_vs_chance"] < 1e-3
-    v = C.verdict(trainable["test_first_token"] - frozen["test_first_token"], (cfg.success_factor - 1) * chance,
-                  f"(a) associative top-k recovery = 1 within {cfg.assoc_steps} steps; (b) the frozen arm memorizes the "
-                  f"edges and training leaves (>= 0.99) yet its held-out first token stays at chance {chance:.2g} "
-                  f"(binomial p >= 0.01), while trainable >= {cfg.success_factor:g}x chance "
-                  f"(p < 1e-3); value = trainable - frozen accuracy")
-    v.update(reproduced=bool(memorized and frozen_stored and frozen_at_chance and learns),
-             associative_memorized=bool(memorized), frozen_memorized_edges_and_train_leaves=bool(frozen_stored),
-             frozen_at_chance=bool(frozen_at_chance), trainable_learns=bool(learns))
+    v["criterion"] = f"(a) associative top-k recovery = 1 within {cfg.assoc_steps} steps; " + v["criterion"]
+    if not memorized:
+        v["why_not"] = f"(a) associative top-k recovery {assoc['edge_topk']:.3f} < 1"
+    v.update(reproduced=bool(memorized and v["reproduced"]), associative_memorized=bool(memorized))
     return v
 
 
@@ -240,7 +223,7 @@ def run(cfg: Config) -> dict:
     return C.write_results(out, SCRIPT, "§3.2 Obs 3.2a + App. E.1: frozen embeddings memorize edges associatively "
                            "but fail the in-weights path-star", cfg, device, time.time() - start, metrics,
                            assoc_hist + frozen_hist + trainable_hist, compute_verdict(assoc, frozen, trainable, cfg),
-                           figures=figures)
+                           figures=figures, precision={"associative": "fp32", "path_star": C.run_precision(device)})
 
 
 def main():

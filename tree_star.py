@@ -198,7 +198,7 @@ def run(cfg: Config) -> dict:
     history = [h for s in splits for h in histories[s]]
     return C.write_results(out, SCRIPT, "App. C.2 / Fig 16: tree-star, both splits above chance, first-token split harder",
                            cfg, device, time.time() - start, metrics, history, compute_verdict(per_split, cfg),
-                           figures=figures)
+                           figures=figures, precision=C.run_precision(device))  # bf16 is safe: accuracies are argmaxes
 
 
 def main():
