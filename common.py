@@ -1172,9 +1172,15 @@ def binomial_tail(hits: int, n: int, p: float, upper: bool = True) -> float:
 def chance_band(n: int, p: float, alpha: float = CHANCE_ALPHA) -> tuple[float, float]:
     """Accuracies (lo, hi) that n guesses at chance p produce with probability >= 1 - alpha: the
     hit counts k with P[X <= k] > alpha/2 and P[X >= k] > alpha/2, X ~ Binomial(n, p), over n."""
-    ks = [k for k in range(n + 1) if binomial_tail(k, n, p, upper=False) > alpha / 2
-          and binomial_tail(k, n, p, upper=True) > alpha / 2]
-    return min(ks) / n, max(ks) / n
+    if p <= 0 or p >= 1:
+        return float(p >= 1), float(p >= 1)
+    k = np.arange(n + 1, dtype=np.float64)
+    log_pmf = (math.lgamma(n + 1) - np.vectorize(math.lgamma)(k + 1) - np.vectorize(math.lgamma)(n - k + 1)
+               + k * math.log(p) + (n - k) * math.log1p(-p))  # (n+1,) one pass: O(n), not O(n^2)
+    pmf = np.exp(log_pmf)
+    lower, upper = np.cumsum(pmf), np.cumsum(pmf[::-1])[::-1]  # P[X <= k], P[X >= k]
+    ks = np.nonzero((lower > alpha / 2) & (upper > alpha / 2))[0]
+    return int(ks.min()) / n, int(ks.max()) / n
 
 
 def failure_verdict(accuracy: float, n: int, chance: float, learned: dict, claim_text: str,

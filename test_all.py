@@ -711,6 +711,14 @@ def test_chance_band_is_two_sided_and_binomial():
     assert abs(C.binomial_tail(1, 100, 0.01) - (1 - 0.99 ** 100)) < 1e-9
     assert C.binomial_tail(20, 100, 0.01) < 1e-12
     assert abs(C.binomial_tail(0, 100, 0.01, upper=False) - 0.99 ** 100) < 1e-9
+    for n, p in ((64, 1 / 32), (25, 0.01), (300, 0.5)):  # the band is the definition, counted per k
+        ks = [k for k in range(n + 1) if C.binomial_tail(k, n, p, upper=False) > C.CHANCE_ALPHA / 2
+              and C.binomial_tail(k, n, p, upper=True) > C.CHANCE_ALPHA / 2]
+        assert C.chance_band(n, p) == (min(ks) / n, max(ks) / n)
+    import time
+    t0 = time.time()
+    assert C.chance_band(20_000, 0.5)[0] > 0.48  # the in-context default's 20k held-out graphs: linear, not n^2
+    assert time.time() - t0 < 2
 
 
 def test_failure_verdict_needs_learning_chance_and_a_control():
@@ -1396,3 +1404,18 @@ def test_regularizer_study_runs_over_seeds(tmp_path):
 
 def test_quick_config_is_two_seeds():
     assert TG.QUICK["seeds"] == "0,1" and dataclasses.replace(TG.Config(), **TG.QUICK).seeds == "0,1"
+
+
+# ===================================================================================== recipe_study.py (issue 9)
+def test_recipe_study_fit_and_medians():
+    import recipe_study as RS
+    c, alpha = RS.power_fit([100, 200, 400, 800], [50 * d ** 0.5 for d in (100, 200, 400, 800)])
+    assert abs(alpha - 0.5) < 1e-9 and abs(c - 50) < 1e-6
+    rows = [{"degree": 400, "seed": s, "edge_topk": 1.0, "peak_test_first_token": p, "step_50": s50, "epoch_50": s50,
+             "step_90": s90, "epoch_90": s90} for s, p, s50, s90 in ((0, 0.95, 500, 1000), (1, 0.6, 750, None),
+                                                                      (2, 0.5, 1000, None))]
+    (t,) = RS.summarize(rows)
+    assert t["step_50_median"] == 750 and t["step_90"] == [1000]
+    assert t["step_90_median"] == float("inf")  # two of three never got there: the median did not either
+    hist = [{"step": 0, "epoch": 0.0, "test_first_token": 0.0}, {"step": 250, "epoch": 9.1, "test_first_token": 0.93}]
+    assert RS.first_reach(hist, 0.9) == (250, 9.1) and RS.first_reach(hist, 0.95) == (None, None)
