@@ -86,6 +86,8 @@ class Config:
     lr: float = C.arg(1e-4, "peak learning rate (paper 1e-4)")
     warmup: int = C.arg(200, "linear warmup steps")
     weight_decay: float = C.arg(0.01, "AdamW weight decay")
+    embed_lr_mult: float = C.arg(1.0, "token-embedding (tied head) LR = this x --lr (B&N: 1; the in-weights "
+                                 "scripts use 30: rerun next-token with it to check the failure is not slow learning)")
     # evaluation
     eval_every: int = C.arg(250, "steps between evaluations on the held-out subset")
     eval_examples: int = C.arg(2000, "held-out graphs used for the curves (the final numbers use all n_test)")
@@ -119,8 +121,8 @@ def validate(cfg: Config) -> str | None:
             return f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})"
     if cfg.width % cfg.heads:
         return f"--width {cfg.width} is not divisible by --heads {cfg.heads}"
-    if cfg.lr <= 0 or cfg.warmup < 0 or cfg.weight_decay < 0:
-        return "--lr must be > 0 and --warmup, --weight-decay >= 0"
+    if cfg.lr <= 0 or not cfg.embed_lr_mult > 0 or cfg.warmup < 0 or cfg.weight_decay < 0:
+        return "--lr and --embed-lr-mult must be > 0 and --warmup, --weight-decay >= 0"
     if not 0 < cfg.reverse_threshold <= 1:
         return "--reverse-threshold must be in (0, 1]"
     return None
@@ -208,7 +210,8 @@ def train_mode(cfg: Config, mode: str, data: dict, device: str) -> tuple[dict, l
                           block_size=data["train_prefix"].shape[1] + cfg.path_length,  # one size for every mode:
                           positions=cfg.positions)  # the same initialisation whatever the target length
     tc = C.TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
-                       weight_decay=cfg.weight_decay, eval_every=cfg.eval_every, compile=cfg.compile)
+                       weight_decay=cfg.weight_decay, embed_lr_mult=cfg.embed_lr_mult, eval_every=cfg.eval_every,
+                       compile=cfg.compile)
     teacherless = mode == "teacherless"
     print(f"[{mode}] G({d},{cfg.path_length}) N={N}: {len(train_set)} train / {len(test_set)} test graphs, "
           f"sequence {train_set.inputs.shape[1]} tokens, {C.count_params(model)['total']:,} parameters")
