@@ -12,7 +12,7 @@ Claim (paper §3.2 Obs. 3.2a, App. E.1). Two halves of one argument:
 Commands
     python freeze_embeddings.py --quick                   # CPU smoke test, ~20 s
     OMP_NUM_THREADS=1 python freeze_embeddings.py --device cpu --degree 100 --layers 4 --width 128 \\
-        --heads 4 --pauses 5 --steps 4000 --batch-size 256 --lr 1e-3 --warmup 300 --eval-every 500  # CPU scale
+        --heads 4 --steps 2000 --batch-size 256 --lr 1e-3 --embed-lr-mult 10 --eval-every 250  # CPU scale
     python freeze_embeddings.py                           # GPU default: G(5000,5), GPT 12x384
 Outputs in --out (default runs/freeze_embeddings/): results.json, freeze_embeddings.png
 (associative top-k recovery per step; held-out first-token accuracy, frozen vs trainable).

@@ -14,7 +14,8 @@ Chance: 1/d for the first token, 1/#leaves for the whole path.
 Commands
     python tree_star.py --quick                                  # CPU smoke test, ~20 s
     OMP_NUM_THREADS=1 python tree_star.py --device cpu --degree 32 --layers 4 --width 128 --heads 4 \\
-        --steps 4000 --batch-size 256 --lr 1e-3 --warmup 300 --pauses 5 --eval-every 500  # CPU scale (README)
+        --steps 4000 --batch-size 256 --lr 1e-3 --embed-lr-mult 1 --weight-decay 0.01 --pauses 5 \
+        --eval-every 500  # CPU scale, the old 1x recipe the README's row 9 was measured with
     python tree_star.py                                          # GPU default: T(1000,2,5), both splits
     python tree_star.py --split first-token                      # one split only
 Outputs in --out (default runs/tree_star/): results.json, tree_star.png (held-out exact match and
