@@ -23,6 +23,7 @@ Glossary of symbols (the paper's notation where it has one)
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -806,6 +807,30 @@ def guarded_step(fwd: nn.Module, model: nn.Module, opt, batch, tc: TrainConfig, 
         print(f"torch.compile failed at the first step ({type(exc).__name__}: {str(exc)[:200]}); running eager",
               file=sys.stderr)
         return optimizer_step(model, model, opt, batch, tc, device), model
+
+
+def cpu_time_check(script: str, model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, cpu_command: str,
+                   budget_s: float = 900.0, timed_steps: int = 2) -> float | None:
+    """On a CPU, time a few training steps of a throwaway copy of the model (the run itself is not
+    touched) and, when tc.steps of them would exceed budget_s, say so in one line, with a command
+    that shows the same claim in minutes. The run goes on: a user may mean it. Returns the estimate."""
+    if torch.device(device).type != "cpu":
+        return None
+    probe = copy.deepcopy(model)
+    opt = make_optimizer(probe, tc, device)
+    sampler = Sampler(sets, batch_shares(sets, tc.batch_size), 0)
+    optimizer_step(probe, probe, opt, sampler.next(), tc, device)  # first step: allocator warm-up
+    t0 = time.time()
+    for _ in range(timed_steps):
+        optimizer_step(probe, probe, opt, sampler.next(), tc, device)
+    per_step = (time.time() - t0) / timed_steps
+    estimate = per_step * tc.steps
+    del probe, opt
+    if estimate > budget_s:
+        print(f"[{script}] on this CPU the run would take ~{estimate / 3600:.1f} h of training ({per_step:.2f} s/step "
+              f"x {tc.steps} steps, timed over {timed_steps}); it is sized for a GPU. The same claim on a CPU in "
+              f"minutes: {cpu_command}", flush=True)
+    return estimate
 
 
 def train(model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, seed: int = 0,

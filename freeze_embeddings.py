@@ -39,6 +39,7 @@ Settings vs the paper (E.1: GPT-mid, frozen embeddings, 50,000 epochs, LR grid o
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ from dataclasses import dataclass
 import common as C
 
 SCRIPT = "freeze_embeddings"
+CPU_COMMAND = ("OMP_NUM_THREADS=1 python freeze_embeddings.py --device cpu --degree 100 --layers 4 --width 128 "
+               "--heads 4 --steps 2000 --batch-size 256 --lr 1e-3 --embed-lr-mult 10 --eval-every 250  (~6 min)")
 
 
 @dataclass
@@ -162,6 +165,9 @@ def path_star_arm(cfg: Config, frozen: bool, device: str) -> tuple[dict, list]:
     print(f"[{name}] {g.name}: {g.num_nodes} nodes, {len(edges)} edge examples, {len(train_set)} train / "
           f"{len(test_set)} held-out leaves, {C.count_params(model)['total']:,} parameters "
           f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable)")
+    if frozen:  # the first arm: one estimate for the run (x2 arms)
+        C.cpu_time_check(SCRIPT, model, [edges, train_set], dataclasses.replace(tc, steps=2 * tc.steps), device,
+                         CPU_COMMAND)
     history = C.train(model, [edges, train_set], tc, device, cfg.seed, evaluate=evaluate,
                       log=lambda s: print(f"[{name}] {s}"))
     final = {k: v for k, v in history[-1].items() if k not in ("step", "seconds", "train_loss", "epoch")}

@@ -52,6 +52,8 @@ import torch
 import common as C
 
 SCRIPT = "star_in_weights"
+CPU_COMMAND = ("OMP_NUM_THREADS=1 python star_in_weights.py --degree 100 --hardest-token --layers 4 --width 128 "
+               "--heads 4 --batch-size 256 --lr 1e-3 --embed-lr-mult 10 --steps 1500 --eval-every 250  (~2.5 min)")
 RELEASE_EXAMPLES_PER_S = 9000.0  # the authors' release on one H100, G(5000,5), batch 2048 (measurements.md)
 
 
@@ -356,6 +358,7 @@ def run(cfg: Config) -> dict:
                                speed=speed, data=info)
 
     claim, success = claim_of(cfg)
+    C.cpu_time_check(SCRIPT, model, [edges, train_set], train_config(cfg, cfg.steps, cfg.lr), device, CPU_COMMAND)
     final, history, speed = train_arm(cfg, g, sets, model, device)
     geo = geometry(model, g, cfg.geometry_paths, cfg.seed)
     final.update({f"geometry_{k}": v for k, v in geo.items() if isinstance(v, float)})

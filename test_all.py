@@ -1410,3 +1410,19 @@ def test_recipe_study_fit_and_medians():
     assert t["step_90_median"] == float("inf")  # two of three never got there: the median did not either
     hist = [{"step": 0, "epoch": 0.0, "test_first_token": 0.0}, {"step": 250, "epoch": 9.1, "test_first_token": 0.93}]
     assert RS.first_reach(hist, 0.9) == (250, 9.1) and RS.first_reach(hist, 0.95) == (None, None)
+
+
+# ===================================================================================== CPU time check (issue 11)
+def test_cpu_time_check_warns_in_one_line_and_leaves_the_model_alone(capsys):
+    g = C.path_star(6, 4, seed=0)
+    sets = C.in_weights_path_sets(g, 1, "first")
+    torch.manual_seed(0)
+    model = C.build_model("gpt", C.vocab_size(g.num_nodes), 1, 16, 2, "cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    tc = C.TrainConfig(steps=10 ** 9, batch_size=16, lr=1e-2)
+    est = C.cpu_time_check("x", model, list(sets[:2]), tc, "cpu", "python x.py --small")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert est > 900 and len(lines) == 1 and "python x.py --small" in lines[0] and "s/step" in lines[0]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # timed on a copy
+    assert C.cpu_time_check("x", model, list(sets[:2]), dataclasses.replace(tc, steps=5), "cpu", "cmd") < 900
+    assert capsys.readouterr().out == ""  # a CPU-sized run says nothing

@@ -36,6 +36,7 @@ Settings (the paper gives no tree sizes or accuracies; v1 says k = 2)
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ import common as C
 
 SCRIPT = "tree_star"
 SPLITS = ["leaf", "first-token"]
+CPU_COMMAND = ("OMP_NUM_THREADS=1 python tree_star.py --device cpu --degree 32 --layers 4 --width 128 --heads 4 "
+               "--steps 4000 --batch-size 256 --lr 1e-3 --embed-lr-mult 1 --weight-decay 0.01 --pauses 5 (~25 min, README row 9)")
 
 
 @dataclass
@@ -82,6 +85,10 @@ class Config:
 
 QUICK = dict(degree=4, path_length=4, layers=2, width=64, heads=4, steps=150, batch_size=64, lr=3e-3, warmup=30,
              pauses=2, eval_every=50, embed_lr_mult=1.0, weight_decay=0.01)  # smoke test: the plain recipe
+
+
+def splits_of(cfg) -> list[str]:
+    return SPLITS if cfg.split == "both" else [cfg.split]
 
 
 def tree_counts(d: int, k: int, l: int) -> dict:
@@ -138,6 +145,9 @@ def train_split(cfg: Config, split: str, device: str) -> tuple[dict, list]:
     def evaluate():  # the training paths' per-position list is left out of the history
         return {k: v for k, v in metrics().items() if k != "train_per_position"}
 
+    if split == splits_of(cfg)[0]:  # the first split: one estimate for the whole run
+        C.cpu_time_check(SCRIPT, model, [edges, train_set], dataclasses.replace(tc, steps=len(splits_of(cfg)) * tc.steps),
+                         device, CPU_COMMAND)
     history = C.train(model, [edges, train_set], tc, device, cfg.seed, evaluate=evaluate,
                       log=lambda s: print(f"[{split}] {s}"))
     final = {k: v for k, v in history[-1].items() if k not in ("step", "seconds", "train_loss")}
@@ -191,7 +201,7 @@ def compute_verdict(per_split: dict, cfg: Config) -> dict:
 def run(cfg: Config) -> dict:
     device, out = C.setup_run(cfg, SCRIPT)
     start = time.time()
-    splits = SPLITS if cfg.split == "both" else [cfg.split]
+    splits = splits_of(cfg)
     per_split, histories = {}, {}
     for split in splits:
         per_split[split], histories[split] = train_split(cfg, split, device)
