@@ -812,8 +812,8 @@ def guarded_step(fwd: nn.Module, model: nn.Module, opt, batch, tc: TrainConfig, 
 def cpu_time_check(script: str, model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, cpu_command: str,
                    budget_s: float = 900.0, timed_steps: int = 2) -> float | None:
     """On a CPU, time a few training steps of a throwaway copy of the model (the run itself is not
-    touched) and, when tc.steps of them would exceed budget_s, say so in one line, with a command
-    that shows the same claim in minutes. The run goes on: a user may mean it. Returns the estimate."""
+    touched) and, when tc.steps of them would exceed budget_s, say so in one line, with a CPU-sized
+    command of the same claim. The run goes on: a user may mean it. Returns the estimate."""
     if torch.device(device).type != "cpu":
         return None
     probe = copy.deepcopy(model)
@@ -828,8 +828,8 @@ def cpu_time_check(script: str, model: nn.Module, sets: list[TokenSet], tc: Trai
     del probe, opt
     if estimate > budget_s:
         print(f"[{script}] on this CPU the run would take ~{estimate / 3600:.1f} h of training ({per_step:.2f} s/step "
-              f"x {tc.steps} steps, timed over {timed_steps}); it is sized for a GPU. The same claim on a CPU in "
-              f"minutes: {cpu_command}", flush=True)
+              f"x {tc.steps} steps, timed over {timed_steps}); it is sized for a GPU. A CPU-sized run of the same "
+              f"claim: {cpu_command}", flush=True)
     return estimate
 
 

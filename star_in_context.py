@@ -46,6 +46,7 @@ Settings vs the paper (v1 Table 1: 12 layers, width 384 (784 for d=20), 8 heads,
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -56,6 +57,9 @@ import common as C
 
 SCRIPT = "star_in_context"
 MODES = ["next-token", "teacherless", "reverse", "first-token"]
+CPU_COMMAND = ("OMP_NUM_THREADS=1 python star_in_context.py --device cpu --layers 4 --width 128 --heads 4 --num-nodes 20 "
+               "--n-train 100000 --n-test 2000 --steps 3000 --batch-size 128 --lr 1e-3 --warmup 200 --eval-every 500 "
+               "--eval-examples 500 --mode reverse  (and --mode next-token; ~20-30 min each, README row 6)")
 
 
 @dataclass
@@ -221,6 +225,10 @@ def train_mode(cfg: Config, mode: str, data: dict, device: str) -> tuple[dict, l
         r["train_first_hop"] = evaluate_set(model, fit_set, teacherless, a1, E)["first_hop"]
         return r
 
+    modes = parse_modes(cfg.mode)
+    if mode == modes[0]:  # the first mode: one estimate for the whole run
+        C.cpu_time_check(SCRIPT, model, [train_set], dataclasses.replace(tc, steps=len(modes) * tc.steps), device,
+                         CPU_COMMAND)
     history = C.train(model, [train_set], tc, device, cfg.seed, evaluate=evaluate,
                       log=lambda s: print(f"[{mode}] {s}"))
     model.eval()
