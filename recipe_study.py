@@ -27,6 +27,8 @@ import statistics
 import subprocess
 import sys
 
+import sweep
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "runs", "study")
 PROXY = ["hardest_token=true", "layers=4", "width=128", "heads=4", "batch_size=256", "warmup=300", "steps=4000",
@@ -56,12 +58,6 @@ def all_sweeps() -> list[list[str]]:
     return cmds + [sweep_command(folder, [], ds, seeds, grid)]
 
 
-def first_reach(history: list[dict], level: float) -> tuple[int | None, float | None]:
-    """(step, epoch) of the first evaluation with held-out first-token accuracy >= level."""
-    hit = next((h for h in history if h["test_first_token"] >= level), None)
-    return (hit["step"], hit["epoch"]) if hit else (None, None)
-
-
 def read_runs(folder: str) -> list[dict]:
     """One row per finished point of a sweep folder (its points/*/results.json)."""
     rows, points = [], os.path.join(RUNS, folder, "points")
@@ -76,7 +72,8 @@ def read_runs(folder: str) -> list[dict]:
                "peak_test_first_token": m["peak_test_first_token"], "edge_topk": m["edge_topk"],
                "train_first_token": m["train_first_token"]}
         for lv in LEVELS:
-            row[f"step_{int(lv * 100)}"], row[f"epoch_{int(lv * 100)}"] = first_reach(res["history"], lv)
+            step, epoch = sweep.first_reach(res["history"], "test_first_token", lv)
+            row[f"step_{int(lv * 100)}"], row[f"epoch_{int(lv * 100)}"] = step, epoch
         rows.append(row)
     return rows
 

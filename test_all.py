@@ -1409,7 +1409,8 @@ def test_recipe_study_fit_and_medians():
     assert t["step_50_median"] == 750 and t["step_90"] == [1000]
     assert t["step_90_median"] == float("inf")  # two of three never got there: the median did not either
     hist = [{"step": 0, "epoch": 0.0, "test_first_token": 0.0}, {"step": 250, "epoch": 9.1, "test_first_token": 0.93}]
-    assert RS.first_reach(hist, 0.9) == (250, 9.1) and RS.first_reach(hist, 0.95) == (None, None)
+    reach = lambda level: sweep.first_reach(hist, "test_first_token", level)  # noqa: E731  (what read_runs uses)
+    assert reach(0.9) == (250, 9.1) and reach(0.95) == (None, None)
 
 
 # ===================================================================================== CPU time check (issue 11)
