@@ -809,6 +809,19 @@ def guarded_step(fwd: nn.Module, model: nn.Module, opt, batch, tc: TrainConfig, 
         return optimizer_step(model, model, opt, batch, tc, device), model
 
 
+def time_steps(fwd: nn.Module, model: nn.Module, opt, sampler: Sampler, tc: TrainConfig, device,
+               n: int) -> tuple[float, nn.Module]:
+    """Wall seconds of n training steps (the GPU synchronised at both ends), and the module to go on
+    with (guarded_step may have fallen back to eager)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.time()
+    for _ in range(n):
+        _, fwd = guarded_step(fwd, model, opt, sampler.next(), tc, device)
+    sync()
+    return time.time() - t0, fwd
+
+
 def cpu_time_check(script: str, model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, cpu_command: str,
                    budget_s: float = 900.0, timed_steps: int = 2) -> float | None:
     """On a CPU, time a few training steps of a throwaway copy of the model (the run itself is not
@@ -819,11 +832,8 @@ def cpu_time_check(script: str, model: nn.Module, sets: list[TokenSet], tc: Trai
     probe = copy.deepcopy(model)
     opt = make_optimizer(probe, tc, device)
     sampler = Sampler(sets, batch_shares(sets, tc.batch_size), 0)
-    optimizer_step(probe, probe, opt, sampler.next(), tc, device)  # first step: allocator warm-up
-    t0 = time.time()
-    for _ in range(timed_steps):
-        optimizer_step(probe, probe, opt, sampler.next(), tc, device)
-    per_step = (time.time() - t0) / timed_steps
+    time_steps(probe, probe, opt, sampler, tc, device, 1)  # first step: allocator warm-up
+    per_step = time_steps(probe, probe, opt, sampler, tc, device, timed_steps)[0] / timed_steps
     estimate = per_step * tc.steps
     del probe, opt
     if estimate > budget_s:

@@ -273,17 +273,9 @@ def bench(cfg, model, sets, device) -> dict:
     opt, fwd = C.make_optimizer(model, tc, device), C.try_compile(model, cfg.compile, device)
     C.set_lr(opt, tc.warmup, tc)  # time at the peak LR: the schedule costs nothing anyway
     sampler = C.Sampler(sets, C.batch_shares(sets, cfg.batch_size), cfg.seed)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    t0 = time.time()
-    for _ in range(min(30, cfg.bench_steps)):  # compilation and allocator warm-up
-        _, fwd = C.guarded_step(fwd, model, opt, sampler.next(), tc, device)
-    sync()
-    warm = time.time() - t0
-    t0 = time.time()
-    for _ in range(cfg.bench_steps):
-        _, fwd = C.guarded_step(fwd, model, opt, sampler.next(), tc, device)
-    sync()
-    speed = C.training_speed(model, sets, cfg.batch_size, cfg.bench_steps, time.time() - t0)
+    warm, fwd = C.time_steps(fwd, model, opt, sampler, tc, device, min(30, cfg.bench_steps))  # compile, allocator
+    seconds, fwd = C.time_steps(fwd, model, opt, sampler, tc, device, cfg.bench_steps)
+    speed = C.training_speed(model, sets, cfg.batch_size, cfg.bench_steps, seconds)
     return {**speed, "warmup_seconds": round(warm, 2), "mfu": mfu(speed, device),
             "speedup_vs_release": speed["examples_per_s"] / RELEASE_EXAMPLES_PER_S}
 
