@@ -566,9 +566,15 @@ class MambaConfig:
     d_conv: int = 4
     expand: int = 2
     residual: bool = True  # x + Mamba(LN(x)); the release chained blocks without a residual
+    final_norm: bool = True  # a LayerNorm before the head; the release had none
     tied: bool = True
     freeze_embeddings: bool = False
     impl: str = "auto"  # "auto": mamba_ssm's CUDA kernel when available, else pure PyTorch; "torch"; "cuda"
+    # "mamba_ssm": the library's init (dt bias = inverse softplus of dt in [1e-3, 0.1], out_proj / sqrt(L));
+    # "release": the authors' release, which re-drew every mixer Linear N(0, 0.02) with zero biases, so
+    # dt = softplus(0) = 0.69 at start. The release's whole block is init="release", residual=False,
+    # final_norm=False: at CPU scale only that combination generalized at all (README row 4).
+    init: str = "mamba_ssm"
 
 
 class MambaLM(nn.Module):
@@ -581,7 +587,7 @@ class MambaLM(nn.Module):
                   for _ in range(cfg.n_layer)]
         self.backend = mixers[0][1] if mixers else "none"
         self.mixers = nn.ModuleList([m for m, _ in mixers])
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.ln_f = nn.LayerNorm(cfg.n_embd) if cfg.final_norm else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # mamba_ssm's LM init: embeddings N(0, 0.02), every bias zero except the marked dt bias;
         # the mixer weights keep the init their constructor gave them (the release overwrote them).
@@ -595,7 +601,15 @@ class MambaLM(nn.Module):
         # stream's variance does not grow with depth.
         with torch.no_grad():
             for mixer in self.mixers:
-                mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+                if cfg.init == "release":  # every Linear N(0, 0.02), every bias (the dt bias too) zero
+                    for lin in (m for m in mixer.modules() if isinstance(m, nn.Linear)):
+                        nn.init.normal_(lin.weight, std=0.02)
+                        if lin.bias is not None:
+                            nn.init.zeros_(lin.bias)
+                elif cfg.init == "mamba_ssm":
+                    mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+                else:
+                    raise ValueError(f"MambaConfig.init must be 'mamba_ssm' or 'release', got {cfg.init!r}")
         if cfg.tied:
             self.wte.weight = self.lm_head.weight
         if cfg.freeze_embeddings:
@@ -1052,10 +1066,12 @@ def arg(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-def cli(config_cls, description: str, quick: dict, validate: Callable | None = None, argv=None):
+def cli(config_cls, description: str, quick: dict, validate: Callable | None = None, argv=None,
+        small: dict | None = None):
     """Build argparse from a Config dataclass (every field a flag, --foo-bar and --foo_bar both
-    accepted, bools as --flag/--no-flag), apply the script's `quick` overrides to the fields the
-    user did not set when --quick is given, and reject bad input with a one-line error (exit 2)."""
+    accepted, bools as --flag/--no-flag), apply the script's preset overrides (`quick`: the seconds-long
+    smoke test; `small`: the claim on a 2-core CPU in minutes) to the fields the user did not set when
+    --quick / --small is given, and reject bad input with a one-line error (exit 2)."""
 
     def build(suppress: bool):
         p = argparse.ArgumentParser(description=description, allow_abbrev=False,
@@ -1077,10 +1093,13 @@ def cli(config_cls, description: str, quick: dict, validate: Callable | None = N
     parser = build(False)
     args = vars(parser.parse_args(argv))
     given = vars(build(True).parse_args(argv))
-    if args.get("quick"):
-        for k, v in quick.items():
-            if k not in given:
-                args[k] = v
+    if args.get("quick") and args.get("small"):
+        parser.error("--quick and --small are two different presets; give one")
+    for preset, overrides in (("quick", quick), ("small", small or {})):
+        if args.get(preset):
+            for k, v in overrides.items():
+                if k not in given:
+                    args[k] = v
     cfg = config_cls(**args)
     if getattr(cfg, "device", "auto") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but CUDA is not available")

@@ -17,11 +17,11 @@ Commands
     python star_in_weights.py --degree 5000 --pauses 0           # Fig 35: pause tokens
     python star_in_weights.py --degree 5000 --hardest-token --bench  # throughput only
     python star_in_weights.py --quick                            # CPU smoke test, < 1 minute
-    OMP_NUM_THREADS=1 python star_in_weights.py --degree 100 --hardest-token --layers 4 --width 128 \
-        --heads 4 --batch-size 256 --lr 1e-3 --embed-lr-mult 10 --steps 1500 --eval-every 250   # CPU, ~1.5 min
-Measured (2-core CPU, one thread): the proxy recipe above reaches 90% held-out first-token accuracy
-(chance 0.01) by step 500-1,000 on seeds 0, 1, 2 and, across d = 100..1600, in steps ~ 47 d^0.55
-(README, "Recipe study"). The paper-scale GPU runs are not yet measured.
+    OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token          # the headline on a CPU, ~1 min
+    OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token --edges forward   # Fig 33 on a CPU, ~2.5 min
+--small is G(100,5) with the recipe study's 4x128 proxy (LR 1e-3, embedding x10, 1,000 steps); it
+combines with every claim flag above. Measured (2-core CPU, one thread): README claims table, with
+seeds. The paper-scale GPU runs are not yet measured.
 Outputs in --out (default runs/star_in_weights/): results.json, accuracy.png, per_position.png,
 geometry.png (Fig 4: leaf vs first-hop cosine distances of held-out paths; a dark diagonal means
 the leaf is stored near its own arm, i.e. a global geometry).
@@ -37,7 +37,9 @@ Settings that differ from the paper (v1 Table 1), and why
   - sinusoidal positions (as the paper; the release used learned positions initialised N(0,1),
     which did not memorize within 10k steps in the pre-kit measurements).
   - pauses default to k = l (5 / 6 / 10 for l = 5 / 6 / 10, the paper's Table 2; release: 1).
-  - Mamba keeps residual connections and the standard dt-bias init (the release had neither).
+  - Mamba keeps residual connections and, by default, mamba-ssm's init (the release had neither);
+    `--mamba-block release` is the release's: no residual, no final norm, every mixer Linear re-drawn
+    N(0, 0.02) with zero biases (dt = 0.69 at start); at CPU scale only it generalizes at all (README row 4).
 """
 from __future__ import annotations
 
@@ -52,8 +54,7 @@ import torch
 import common as C
 
 SCRIPT = "star_in_weights"
-CPU_COMMAND = ("OMP_NUM_THREADS=1 python star_in_weights.py --degree 100 --hardest-token --layers 4 --width 128 "
-               "--heads 4 --batch-size 256 --lr 1e-3 --embed-lr-mult 10 --steps 1500 --eval-every 250  (~2.5 min)")
+CPU_COMMAND = "OMP_NUM_THREADS=1 python star_in_weights.py --small"  # + the claim's own flags (small_command)
 RELEASE_EXAMPLES_PER_S = 9000.0  # the authors' release on one H100, G(5000,5), batch 2048 (measurements.md)
 
 
@@ -64,6 +65,8 @@ class Config:
     device: str = C.arg("auto", "auto = cuda if available, else cpu", ["auto", "cpu", "cuda"])
     out: str = C.arg("", "output folder (default runs/star_in_weights/)")
     quick: bool = C.arg(False, "tiny CPU smoke configuration (G(20,5), 2x64 model, 600 steps)")
+    small: bool = C.arg(False, "the claim on a laptop CPU in minutes: G(100,5), 4x128 model, embedding LR x10, "
+                        "1,000 steps (~1 min with --hardest-token)")
     compile: bool = C.arg(True, "torch.compile the model on CUDA (ignored on CPU; falls back to eager)")
     bench: bool = C.arg(False, "only time training steps (steps/s, examples/s, MFU); no evaluation")
     bench_steps: int = C.arg(200, "timed steps for --bench (after 30 warm-up steps)")
@@ -83,6 +86,9 @@ class Config:
     width: int = C.arg(384, "model width m (paper: 784 for G(10^4,10))")
     heads: int = C.arg(8, "attention heads (GPT)")
     positions: str = C.arg("sinusoidal", "GPT positional encoding", ["sinusoidal", "learned", "none"])
+    mamba_block: str = C.arg("kit", "Mamba layers: kit = x + Mamba(LN(x)), final LN, mamba-ssm's init; release = the "
+                             "authors' Mamba(LN(x)) without residual or final norm, every Linear N(0, 0.02), dt bias 0 "
+                             "(the only one that generalized at CPU scale, README row 4)", ["kit", "release"])
     freeze_embeddings: bool = C.arg(False, "freeze the (tied) token embeddings (App. E.1), redrawn N(0, --frozen-embed-std)")
     frozen_embed_std: float = C.arg(0.2, "std of frozen token embeddings (as freeze_embeddings.py; at the GPT init "
                                     "0.02 the tied logits are too flat to store even the edges)")
@@ -113,6 +119,12 @@ QUICK = dict(degree=20, path_length=5, layers=2, width=64, heads=4, steps=600, b
              embed_lr_mult=1.0, weight_decay=0.01)  # the smoke test keeps the plain recipe at its high LR
 
 
+# The CPU scale of the recipe study (README "Recipe study"): its 4x128 proxy, LR 1e-3, embedding x10,
+# weight decay 0.1, batch 256, on G(100,5); 1,000 steps (the study's median reach of 90% was 750).
+SMALL = dict(degree=100, path_length=5, layers=4, width=128, heads=4, batch_size=256, lr=1e-3, embed_lr_mult=10.0,
+             weight_decay=0.1, warmup=300, steps=1000, eval_every=200, edge_steps=1000, edge_lr=1e-3, bench_steps=20)
+
+
 def validate(cfg: Config) -> str | None:
     if cfg.degree < 2:
         return f"--degree must be at least 2 (got {cfg.degree})"
@@ -122,6 +134,8 @@ def validate(cfg: Config) -> str | None:
         return f"--train-ratio must lie strictly between 0 and 1 (got {cfg.train_ratio})"
     if int(cfg.degree * cfg.train_ratio) < 1 or int(cfg.degree * cfg.train_ratio) >= cfg.degree:
         return f"--train-ratio {cfg.train_ratio} leaves no training or no held-out leaf at degree {cfg.degree}"
+    if cfg.mamba_block != "kit" and cfg.model != "mamba":
+        return f"--mamba-block {cfg.mamba_block} needs --model mamba"
     if cfg.hardest_token and cfg.reverse_path:
         return "--hardest-token and --reverse-path exclude each other (the reverse path's first token is the leaf itself)"
     if cfg.model == "gpt" and (cfg.heads < 1 or cfg.width % cfg.heads):
@@ -286,7 +300,8 @@ def build(cfg: Config, device: str):
     g = C.path_star(cfg.degree, cfg.path_length, cfg.seed, cfg.train_ratio)
     sets = C.in_weights_path_sets(g, pause_count(cfg), target_kind(cfg), cfg.edges, device)
     C.set_seed(cfg.seed)  # an arm and its control start from the same initialisation
-    extra = dict(positions=cfg.positions) if cfg.model == "gpt" else {}
+    extra = (dict(positions=cfg.positions) if cfg.model == "gpt" else {} if cfg.mamba_block == "kit"
+             else dict(init="release", residual=False, final_norm=False))
     model = C.build_model(cfg.model, C.vocab_size(g.num_nodes), cfg.layers, cfg.width, cfg.heads, device,
                           freeze_embeddings=cfg.freeze_embeddings, **extra)
     if cfg.freeze_embeddings:
@@ -330,6 +345,16 @@ def control_of(cfg: Config) -> Config:
     return dataclasses.replace(cfg, freeze_embeddings=False, edges="both")
 
 
+def small_command(cfg: Config) -> str:
+    """The CPU-sized command of the same claim: --small plus the flags that choose the claim."""
+    flags = [f for f, on in (("--hardest-token", cfg.hardest_token), ("--reverse-path", cfg.reverse_path),
+                             (f"--edges {cfg.edges}", cfg.edges != "both"), (f"--model {cfg.model}", cfg.model != "gpt"),
+                             (f"--mamba-block {cfg.mamba_block}", cfg.mamba_block != "kit"),
+                             (f"--recipe {cfg.recipe}", cfg.recipe != "mixed"), (f"--pauses {cfg.pauses}", cfg.pauses != -1),
+                             ("--freeze-embeddings", cfg.freeze_embeddings)) if on]
+    return " ".join([CPU_COMMAND] + flags) + "  (~1-3 min; Mamba ~8 min)"
+
+
 def run(cfg: Config) -> dict:
     start = time.time()
     device, out = C.setup_run(cfg, SCRIPT)
@@ -350,7 +375,7 @@ def run(cfg: Config) -> dict:
                                speed=speed, data=info)
 
     claim, success = claim_of(cfg)
-    C.cpu_time_check(SCRIPT, model, [edges, train_set], train_config(cfg, cfg.steps, cfg.lr), device, CPU_COMMAND)
+    C.cpu_time_check(SCRIPT, model, [edges, train_set], train_config(cfg, cfg.steps, cfg.lr), device, small_command(cfg))
     final, history, speed = train_arm(cfg, g, sets, model, device)
     geo = geometry(model, g, cfg.geometry_paths, cfg.seed)
     final.update({f"geometry_{k}": v for k, v in geo.items() if isinstance(v, float)})
@@ -369,7 +394,7 @@ def run(cfg: Config) -> dict:
 
 
 def main():
-    cfg = C.cli(Config, __doc__.split("\n")[0], QUICK, validate)
+    cfg = C.cli(Config, __doc__.split("\n")[0], QUICK, validate, small=SMALL)
     run(cfg)
 
 
