@@ -777,6 +777,9 @@ def test_tree_star_verdict_learned_vs_unlearned():
     assert TS.compute_verdict({"leaf": split(0.6), "first-token": split(0.2)}, cfg)["reproduced"]
     assert not TS.compute_verdict({"leaf": split(0.0), "first-token": split(0.0)}, cfg)["reproduced"]
     assert not TS.compute_verdict({"leaf": split(0.2), "first-token": split(0.6)}, cfg)["reproduced"]  # not harder
+    assert "not harder" in TS.compute_verdict({"leaf": split(0.2), "first-token": split(0.6)}, cfg)["why_not"]
+    why = TS.compute_verdict({"leaf": split(0.0), "first-token": split(0.3)}, cfg)["why_not"]
+    assert "split at leaf below" in why and "split at first-token" not in why
 
 
 # ===================================================================================== bad input, every script
@@ -1427,3 +1430,104 @@ def test_cpu_time_check_warns_in_one_line_and_leaves_the_model_alone(capsys):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # timed on a copy
     assert C.cpu_time_check("x", model, list(sets[:2]), dataclasses.replace(tc, steps=5), "cpu", "cmd") < 900
     assert capsys.readouterr().out == ""  # a CPU-sized run says nothing
+
+
+# ===================================================================================== --small presets (issue 11)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_a_valid_small_preset(script):
+    import importlib
+    mod = importlib.import_module(script)
+    cfg = C.cli(mod.Config, "", mod.QUICK, mod.validate, argv=["--small"], small=mod.SMALL)
+    assert cfg.small and not cfg.quick
+    assert all(getattr(cfg, k) == v for k, v in mod.SMALL.items())  # the preset is what runs
+    assert mod.validate(cfg) is None
+    # a flag the user gives wins over the preset
+    name = next(iter(mod.SMALL), None)
+    if name is not None and isinstance(mod.SMALL[name], int) and not isinstance(mod.SMALL[name], bool):
+        flag = f"--{name.replace('_', '-')}"
+        assert getattr(C.cli(mod.Config, "", mod.QUICK, mod.validate, argv=["--small", flag, str(mod.SMALL[name] + 1)],
+                             small=mod.SMALL), name) == mod.SMALL[name] + 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_and_small_together_is_bad_input(script, tmp_path):
+    assert_bad_input(script + ".py", ["--quick", "--small"], tmp_path)
+
+
+def test_small_command_names_the_claim():
+    import star_in_weights as S
+    cfg = C.cli(S.Config, "", S.QUICK, S.validate, argv=["--hardest-token", "--edges", "forward", "--model", "mamba"])
+    assert S.small_command(cfg).split("  (")[0].endswith("--small --hardest-token --edges forward --model mamba")
+    assert "--edges" not in S.small_command(C.cli(S.Config, "", S.QUICK, S.validate, argv=[]))
+
+
+# ===================================================================================== reproduction suite (issue 11)
+# Every claim's --small run on the CPU, its verdict asserted: `pytest test_all.py -m reproduce` (.ci/run runs it
+# after the unit tests; a plain `pytest test_all.py` skips it). A claim that honestly does not reproduce at CPU
+# scale is asserted as not reproduced, with the reason it fails for (`why_not`), so that a change that flips a
+# verdict either way, or makes it fail for another reason, is caught. Seeds and numbers: README, claims table.
+REPRODUCE = [
+    # (id, script, extra flags, reproduced?, a phrase of why_not when not reproduced (None: value < threshold));
+    # reproduced None: the verdict is not asserted, only value >= the last field
+    ("headline", "star_in_weights.py", ["--hardest-token"], True, None),
+    ("forward_edges_fail", "star_in_weights.py", ["--hardest-token", "--edges", "forward"], True, None),
+    ("frozen_embeddings_fail", "freeze_embeddings.py", [], True, None),
+    ("in_context", "star_in_context.py", [], True, None),
+    ("node2vec_spectral", "node2vec_spectral.py", [], True, None),
+    # Not at CPU scale: the first reverse token is a copy of the held-out leaf from the prompt, never a path
+    # output; the walk back is right once the leaf is (teacher-forced 0.88-1.0), exact match 0.68 (seed 0).
+    ("reverse_path_not_at_cpu_scale", "star_in_weights.py", ["--reverse-path"], False, None),
+    # Not at CPU scale: given the true prefix the model still does not emit a held-out leaf (teacher-forced
+    # 0.00-0.03), and a held-out first-hop subtree gets first tokens at chance (T(16,2,5), 1,000 steps).
+    ("tree_star_not_at_cpu_scale", "tree_star.py", [], False, "split at leaf below its bar"),
+    # Not over seeds 0,1,2: the Transformer's grid margin is negative for seeds 0 and 1, and the NN path-star
+    # run of seed 1 has a geometric level that hardly moves (the speed check).
+    ("tiny_graphs_not_over_seeds", "tiny_graphs.py", [], False, "transformer_margin_positive"),
+    # Not at CPU scale: the path stage forgets the edges (top-k 1.0 -> 0.26-0.36) and the held-out first hop
+    # peaks at 0 / 0 / 3 of 25 (seeds 0-2), where the paper's Fig 36 shows a high momentary peak.
+    ("staged_not_at_cpu_scale", "star_in_weights.py", ["--hardest-token", "--recipe", "staged"], False, None),
+    # Borderline at CPU scale: exact match 0.88 / 0.60 / 0.84 (seeds 0-2) against 0.90, seed 0 one leaf short, so
+    # its verdict could flip with a CPU's rounding; asserted instead: well above chance (>= 0.5, chance 1/25).
+    ("full_path_borderline", "star_in_weights.py", [], None, 0.5),
+]
+
+
+@pytest.fixture
+def reproduce_selected(request):
+    if "reproduce" not in (request.config.option.markexpr or ""):
+        pytest.skip("reproduction suite (minutes per claim): run `pytest test_all.py -m reproduce`")
+
+
+@pytest.mark.reproduce
+@pytest.mark.parametrize("name,script,flags,reproduced,why_not", REPRODUCE, ids=[r[0] for r in REPRODUCE])
+def test_small_claim_verdict(name, script, flags, reproduced, why_not, reproduce_selected, tmp_path):
+    out = tmp_path / name
+    proc, res = run_script(script, "--small", "--device", "cpu", *flags, out=out, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_results_shape(res, script[:-3])
+    v = res["verdict"]
+    print(f"{name}: reproduced={v['reproduced']} value={v['value']} in {res['seconds']:.0f} s; {v.get('why_not', '')}")
+    if reproduced is None:
+        assert v["value"] >= why_not, v
+        return
+    assert v["reproduced"] is reproduced, v
+    if not reproduced:  # and for the reason it is known to fail for
+        assert (why_not in v.get("why_not", "")) if why_not else v["value"] < v["threshold"], v
+
+
+def test_mamba_release_init_switch():
+    torch.manual_seed(0)
+    std = C.build_model("mamba", 40, 2, 32, 1, "cpu")
+    rel = C.build_model("mamba", 40, 2, 32, 1, "cpu", init="release")
+    dt = torch.nn.functional.softplus(std.mixers[0].dt_proj.bias)
+    assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6  # mamba_ssm: dt log-uniform in [1e-3, 0.1]
+    assert torch.all(rel.mixers[0].dt_proj.bias == 0)  # the release: softplus(0) = 0.69
+    assert abs(rel.mixers[1].out_proj.weight.std().item() - 0.02) < 0.003
+    assert abs(std.mixers[1].out_proj.weight.std().item() - 0.02) > 0.01  # kaiming / sqrt(L), not N(0, 0.02)
+    with pytest.raises(ValueError):
+        C.build_model("mamba", 40, 1, 32, 1, "cpu", init="other")
+    import star_in_weights as S  # the script's switch is the release's whole block
+    cfg = C.cli(S.Config, "", S.QUICK, S.validate, argv=["--quick", "--model", "mamba", "--mamba-block", "release"])
+    model = S.build(cfg, "cpu")[2]
+    assert not model.cfg.residual and isinstance(model.ln_f, torch.nn.Identity) and model.cfg.init == "release"
+    assert S.validate(dataclasses.replace(cfg, model="gpt")) is not None  # a Mamba switch on a GPT is bad input
