@@ -1478,7 +1478,7 @@ REPRODUCE = [
     # output; the walk back is right once the leaf is (teacher-forced 0.88-1.0), exact match 0.68 (seed 0).
     ("reverse_path_not_at_cpu_scale", "star_in_weights.py", ["--reverse-path"], False, None),
     # Not at CPU scale: given the true prefix the model still does not emit a held-out leaf (teacher-forced
-    # 0.00-0.03), and a held-out first-hop subtree gets first tokens at chance (T(16,2,5), 1,000 steps).
+    # 0.00), and a held-out first-hop subtree gets first tokens at chance (T(16,2,5), 800 steps per split).
     ("tree_star_not_at_cpu_scale", "tree_star.py", [], False, "split at leaf below its bar"),
     # Not over seeds 0,1,2: the Transformer's grid margin is negative for seeds 0 and 1, and the NN path-star
     # run of seed 1 has a geometric level that hardly moves (the speed check).
