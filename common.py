@@ -599,17 +599,17 @@ class MambaLM(nn.Module):
         # mamba_ssm's rescale_prenorm_residual: each block's out_proj (the residual branch's last
         # matrix, default kaiming-uniform init) is scaled by 1/sqrt(n_layer), so that the residual
         # stream's variance does not grow with depth.
+        if cfg.init not in ("mamba_ssm", "release"):
+            raise ValueError(f"MambaConfig.init must be 'mamba_ssm' or 'release', got {cfg.init!r}")
         with torch.no_grad():
             for mixer in self.mixers:
-                if cfg.init == "release":  # every Linear N(0, 0.02), every bias (the dt bias too) zero
-                    for lin in (m for m in mixer.modules() if isinstance(m, nn.Linear)):
-                        nn.init.normal_(lin.weight, std=0.02)
-                        if lin.bias is not None:
-                            nn.init.zeros_(lin.bias)
-                elif cfg.init == "mamba_ssm":
+                if cfg.init == "mamba_ssm":
                     mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
-                else:
-                    raise ValueError(f"MambaConfig.init must be 'mamba_ssm' or 'release', got {cfg.init!r}")
+                    continue
+                for lin in (m for m in mixer.modules() if isinstance(m, nn.Linear)):  # the release: every Linear
+                    nn.init.normal_(lin.weight, std=0.02)  # N(0, 0.02), every bias (the dt bias too) zero
+                    if lin.bias is not None:
+                        nn.init.zeros_(lin.bias)
         if cfg.tied:
             self.wte.weight = self.lm_head.weight
         if cfg.freeze_embeddings:

@@ -66,7 +66,7 @@ class Config:
     out: str = C.arg("", "output folder (default runs/star_in_context/)")
     quick: bool = C.arg(False, "tiny CPU smoke configuration (G(2,5), N=20, 1x32 model, 40 steps per mode)")
     small: bool = C.arg(False, "the claim on a laptop CPU in minutes: G(2,5), N=20, 2x128 model, embedding LR x10, "
-                        "1,000 steps of 48 per mode (~3 min)")
+                        "1,000 steps of 48 per mode (~2.5 min)")
     compile: bool = C.arg(True, "torch.compile the model on CUDA (ignored on CPU; falls back to eager)")
     # data
     mode: str = C.arg("next-token,reverse", "comma list of targets to train (one model each), or 'all': "

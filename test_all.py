@@ -889,6 +889,7 @@ PAPER_SCALE = [  # (script, extra flags, vocabulary, logit rows per training exa
     ("star_in_weights.py", [], 20_008, 5),  # full path, G(5000,5)
     ("star_in_weights.py", ["--degree", "10000", "--path-length", "10", "--pauses", "10"], 90_008, 10),  # G(10^4,10)
     ("star_in_weights.py", ["--hardest-token", "--model", "mamba"], 20_008, 1),
+    ("star_in_weights.py", ["--hardest-token", "--model", "mamba", "--mamba-block", "release"], 20_008, 1),
     ("star_in_weights.py", ["--hardest-token", "--edges", "forward"], 20_008, 1),  # a failure claim: arm + control
     ("freeze_embeddings.py", [], 20_008, 1),
     ("tree_star.py", [], 15_009, 5),  # T(1000,2,5), both splits
@@ -1468,7 +1469,7 @@ def test_small_command_names_the_claim():
 # verdict either way, or makes it fail for another reason, is caught. Seeds and numbers: README, claims table.
 REPRODUCE = [
     # (id, script, extra flags, reproduced?, a phrase of why_not when not reproduced (None: value < threshold));
-    # reproduced None: the verdict is not asserted, only value >= the last field
+    # reproduced None: the verdict is not asserted, only value >= VALUE_FLOOR[id]
     ("headline", "star_in_weights.py", ["--hardest-token"], True, None),
     ("forward_edges_fail", "star_in_weights.py", ["--hardest-token", "--edges", "forward"], True, None),
     ("frozen_embeddings_fail", "freeze_embeddings.py", [], True, None),
@@ -1488,8 +1489,9 @@ REPRODUCE = [
     ("staged_not_at_cpu_scale", "star_in_weights.py", ["--hardest-token", "--recipe", "staged"], False, None),
     # Borderline at CPU scale: exact match 0.88 / 0.60 / 0.84 (seeds 0-2) against 0.90, seed 0 one leaf short, so
     # its verdict could flip with a CPU's rounding; asserted instead: well above chance (>= 0.5, chance 1/25).
-    ("full_path_borderline", "star_in_weights.py", [], None, 0.5),
+    ("full_path_borderline", "star_in_weights.py", [], None, None),
 ]
+VALUE_FLOOR = {"full_path_borderline": 0.5}
 
 
 @pytest.fixture
@@ -1508,7 +1510,7 @@ def test_small_claim_verdict(name, script, flags, reproduced, why_not, reproduce
     v = res["verdict"]
     print(f"{name}: reproduced={v['reproduced']} value={v['value']} in {res['seconds']:.0f} s; {v.get('why_not', '')}")
     if reproduced is None:
-        assert v["value"] >= why_not, v
+        assert v["value"] >= VALUE_FLOOR[name], v
         return
     assert v["reproduced"] is reproduced, v
     if not reproduced:  # and for the reason it is known to fail for
