@@ -4,7 +4,7 @@ variant=release  Mamba(LN(x)) without residual, no final LN, every Linear re-dra
 variant=dt0      the kit's block with only the dt bias zeroed
 variant=reinit   the kit's block (residual, final LN) with the release's init
 variant=release_with_residual / release_with_final_norm: the release's block with one of the two put back
-                 (written, not run: stopped to keep CI's timing clean)
+                 (run in the session after the other four, side by side, 635-640 s each)
 Run from the repository root, one thread (the README's row 4 numbers):
   OMP_NUM_THREADS=1 python results/small/mamba/ablation_variants.py VARIANT runs/mamba_VARIANT
 ("release" is the same model as `star_in_weights.py --small --hardest-token --model mamba --mamba-block release`,
