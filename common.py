@@ -673,6 +673,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 = off (the release does not clip)
     eval_every: int = 500
     compile: bool = False  # torch.compile the model (CUDA only; falls back to eager on failure)
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" adds CUDA graphs (fewer launches)
     precision: str = "bf16"  # "bf16": autocast on CUDA (fp32 on CPU); "fp32": fp32 everywhere
     stop_when: Callable[[dict], bool] | None = None  # end the run at the first evaluation record it accepts
 
@@ -685,6 +686,13 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     progress = min(1.0, (step - tc.warmup) / max(1, tc.steps - tc.warmup))
     floor = tc.lr * tc.min_lr_ratio
     return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def gpu_path(device) -> bool:
+    """Whether training on `device` takes the GPU path: bf16 autocast (where the run asks for bf16),
+    fused AdamW and torch.compile (where the run asks for it). True on CUDA only; the tests set it
+    True on the CPU (`test_gpu_path_on_cpu`) so that the GPU path's code runs in CI, which has no GPU."""
+    return torch.device(device).type == "cuda"
 
 
 def make_optimizer(model: nn.Module, tc: TrainConfig, device) -> torch.optim.AdamW:
@@ -712,8 +720,7 @@ def make_optimizer(model: nn.Module, tc: TrainConfig, device) -> torch.optim.Ada
                 "embedding": (tc.weight_decay if tc.decay_embeddings else 0.0, tc.embed_lr_mult)}
     param_groups = [{"params": ps, "name": name, "weight_decay": settings[name][0], "lr_mult": settings[name][1],
                      "lr": lr_at(0, tc) * settings[name][1]} for name, ps in groups.items() if ps]
-    fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(param_groups, lr=lr_at(0, tc), betas=tc.betas, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=lr_at(0, tc), betas=tc.betas, fused=gpu_path(device))
 
 
 def set_lr(opt: torch.optim.Optimizer, step: int, tc: TrainConfig) -> None:
@@ -722,19 +729,19 @@ def set_lr(opt: torch.optim.Optimizer, step: int, tc: TrainConfig) -> None:
 
 
 def autocast(device, precision: str = "bf16"):
-    """bf16 autocast on CUDA when precision == "bf16"; a no-op otherwise (CPU runs, and any run that
-    asks for "fp32", stay in fp32). Scripts whose metrics are sign-sensitive (tiny-graph margins)
-    ask for fp32: bf16 rounding flips small margins."""
+    """bf16 autocast on the GPU path when precision == "bf16"; a no-op otherwise (CPU runs, and any
+    run that asks for "fp32", stay in fp32). Scripts whose metrics are sign-sensitive (tiny-graph
+    margins) ask for fp32: bf16 rounding flips small margins."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
-    if torch.device(device).type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    if gpu_path(device) and precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def run_precision(device, precision: str = "bf16") -> str:
-    """The precision a run actually computes in (recorded in results.json): bf16 only on CUDA."""
-    return "bf16-autocast" if torch.device(device).type == "cuda" and precision == "bf16" else "fp32"
+    """The precision a run actually computes in (recorded in results.json): bf16 only on the GPU path."""
+    return "bf16-autocast" if gpu_path(device) and precision == "bf16" else "fp32"
 
 
 def batch_shares(sets: list[TokenSet], batch_size: int) -> list[int]:
@@ -786,11 +793,16 @@ def batch_loss(model, batch) -> torch.Tensor:
     return total / count
 
 
-def try_compile(model: nn.Module, enabled: bool, device) -> nn.Module:
-    if not enabled or torch.device(device).type != "cuda":
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def try_compile(model: nn.Module, enabled: bool, device, mode: str = "default") -> nn.Module:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if not enabled or not gpu_path(device):
         return model
     try:  # static shapes: each token set keeps one (batch, length) shape for the whole run
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, dynamic=False, mode=mode)
     except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
         print(f"torch.compile failed ({type(exc).__name__}: {exc}); running eager", file=sys.stderr)
         return model
@@ -869,7 +881,7 @@ def train(model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, seed:
     examples = sum(len(s) for s in sets)
     sampler = Sampler(sets, shares, seed)
     opt = optimizer or make_optimizer(model, tc, device)
-    fwd = try_compile(model, tc.compile, device)
+    fwd = try_compile(model, tc.compile, device, tc.compile_mode)
     history, start = [], time.time()
     running, n_running = torch.zeros((), device=device), 0
     eval_seconds = 0.0

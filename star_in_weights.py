@@ -68,6 +68,8 @@ class Config:
     small: bool = C.arg(False, "the claim on a laptop CPU in minutes: G(100,5), 4x128 model, embedding LR x10, "
                         "1,000 steps (~1 min with --hardest-token)")
     compile: bool = C.arg(True, "torch.compile the model on CUDA (ignored on CPU; falls back to eager)")
+    compile_mode: str = C.arg("default", "torch.compile mode; reduce-overhead adds CUDA graphs (not yet measured)",
+                              list(C.COMPILE_MODES))
     bench: bool = C.arg(False, "only time training steps (steps/s, examples/s, MFU); no evaluation")
     bench_steps: int = C.arg(200, "timed steps for --bench (after 30 warm-up steps)")
     # graph and data
@@ -277,14 +279,14 @@ def train_config(cfg: Config, steps: int, lr: float) -> C.TrainConfig:
     return C.TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, warmup=min(cfg.warmup, steps),
                          weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings,
                          embed_lr_mult=cfg.embed_lr_mult, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
-                         compile=cfg.compile, precision="bf16",  # bf16 is safe here: accuracies are argmaxes
+                         compile=cfg.compile, compile_mode=cfg.compile_mode, precision="bf16",  # bf16 is safe here: accuracies are argmaxes
                          stop_when=(lambda r: r["test_first_token"] >= cfg.stop_at) if cfg.stop_at > 0 else None)
 
 
 def bench(cfg, model, sets, device) -> dict:
     """Time training steps only (the run's own step function): no evaluation inside the window."""
     tc = train_config(cfg, cfg.bench_steps, cfg.lr)
-    opt, fwd = C.make_optimizer(model, tc, device), C.try_compile(model, cfg.compile, device)
+    opt, fwd = C.make_optimizer(model, tc, device), C.try_compile(model, cfg.compile, device, cfg.compile_mode)
     C.set_lr(opt, tc.warmup, tc)  # time at the peak LR: the schedule costs nothing anyway
     sampler = C.Sampler(sets, C.batch_shares(sets, cfg.batch_size), cfg.seed)
     warm, fwd = C.time_steps(fwd, model, opt, sampler, tc, device, min(30, cfg.bench_steps))  # compile, allocator

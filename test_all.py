@@ -487,6 +487,104 @@ def test_star_in_weights_bad_input(args, tmp_path):
     assert_bad_input("star_in_weights.py", args, tmp_path)
 
 
+# The GPU path's code (bf16 autocast, fused AdamW, torch.compile) run on the CPU: CI has no GPU, and
+# a dtype clash under autocast, a compile failure or an unfused optimizer would otherwise first show
+# on a lent GPU. Each case: (script, its flags after --quick, whether the run asks for bf16).
+GPU_PATH_CASES = {
+    "gpt_full_path": ("star_in_weights", ["--steps", "12", "--warmup", "4", "--eval-every", "6"]),
+    "gpt_bench": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3"]),
+    "gpt_bench_cuda_graphs": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3",
+                                                  "--compile-mode", "reduce-overhead"]),
+    "mamba": ("star_in_weights", ["--hardest-token", "--model", "mamba", "--layers", "1", "--steps", "4",
+                                  "--warmup", "2", "--eval-every", "2"]),  # one layer: dynamo unrolls the scan
+    "freeze_embeddings": ("freeze_embeddings", ["--steps", "8", "--warmup", "4", "--eval-every", "4"]),
+    "tree_star": ("tree_star", ["--steps", "8", "--warmup", "4", "--eval-every", "4"]),
+    "star_in_context": ("star_in_context", ["--steps", "8", "--warmup", "4", "--eval-every", "4"]),
+}
+
+
+@pytest.mark.parametrize("case", list(GPU_PATH_CASES))
+def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
+    """Each GPU-default script's training, evaluation and outputs with C.gpu_path forced on, on the
+    CPU: autocast to bf16, fused AdamW and torch.compile (inductor's CPU backend) as on CUDA. The
+    compiled model must really be used (no fallback to eager) and every optimizer fused."""
+    import importlib
+    import shutil
+    name, args = GPU_PATH_CASES[case]
+    script = importlib.import_module(name)
+    torch._dynamo.reset()
+    monkeypatch.setattr(C, "gpu_path", lambda device: True)
+    fused, compiled = [], []
+    make_optimizer, try_compile = C.make_optimizer, C.try_compile
+
+    def spy_optimizer(*a, **k):
+        opt = make_optimizer(*a, **k)
+        fused.append(opt.defaults["fused"])
+        return opt
+
+    def spy_compile(model, enabled, device, mode="default"):
+        out = try_compile(model, enabled, device, mode)
+        if enabled:  # (freeze_embeddings' associative part asks for eager)
+            compiled.append(out is not model)
+        return out
+
+    monkeypatch.setattr(C, "make_optimizer", spy_optimizer)
+    monkeypatch.setattr(C, "try_compile", spy_compile)
+    cfg = C.cli(script.Config, "", script.QUICK, script.validate, small=getattr(script, "SMALL", None),
+                argv=["--quick", "--device", "cpu", "--out", str(tmp_path), *args])
+    script.run(cfg)
+    err = capfd.readouterr().err
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["device"] == "cpu" and fused and all(fused), (fused, err[-500:])
+    assert compiled and all(compiled), compiled
+    if shutil.which("g++") or shutil.which("c++"):  # inductor's CPU backend needs a C++ compiler
+        assert "torch.compile failed" not in err, err[-1000:]
+    precision = res.get("precision") or res.get("data", {}).get("precision")
+    bf16 = [precision] if isinstance(precision, str) else [v for v in (precision or {}).values()]
+    assert "bf16-autocast" in bf16, precision
+    if "--bench" not in args:
+        assert res["history"] and all(math.isfinite(r.get("train_loss") or 0.0) for r in res["history"]), res["history"]
+
+
+def test_gpu_check_plan_parses_as_each_script_would():
+    """Every command of the prepared GPU session passes its script's own flag parsing and validation
+    (with --device cpu here), so no device time is lost on a typo."""
+    import importlib
+    import gpu_check
+    runs = [r for rehearsal in (False, True) for _, group, _ in gpu_check.plan("/tmp/x", rehearsal) for r in group]
+    checked = 0
+    for name, argv in runs:
+        if not argv[1].endswith(".py"):
+            continue
+        script = importlib.import_module(os.path.basename(argv[1])[:-3])
+        args = ["cpu" if a == "cuda" else a for a in argv[2:]]
+        cfg = C.cli(script.Config, "", script.QUICK, script.validate, small=getattr(script, "SMALL", None), argv=args)
+        assert cfg.out.endswith(name), (name, cfg.out)
+        checked += 1
+    assert checked == 2 * (len(gpu_check.SMOKE) + len(gpu_check.BENCH) + 1)
+    headline = next(a for n, a in runs if n == "headline")
+    assert headline[2:-2] == ["--hardest-token", "--device", "cuda", "--degree", "5000"]  # the README's command
+
+
+def test_gpu_check_rehearsal_and_caps(tmp_path):
+    """The driver's plumbing on the CPU: a rehearsal of two runs writes the three files it promises;
+    a run past its cap is stopped and marked, one not yet started is reported as such."""
+    import gpu_check
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--cpu-rehearsal", "--only",
+                           "env,node2vec_spectral", "--out", str(out), "--work", str(work)],
+                          capture_output=True, text=True, timeout=300, cwd=HERE, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["runs.tar.gz", "summary.json", "summary.md"]
+    summary = json.load(open(out / "summary.json"))
+    assert [(r["name"], r["status"]) for r in summary] == [("env", "rc=0"), ("node2vec_spectral", "rc=0")]
+    assert summary[1]["reproduced"] is True and "| smoke | node2vec_spectral | rc=0 |" in proc.stdout
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    done = gpu_check.run_group([("a", sleeper), ("b", sleeper)], {}, 2.0, str(work), parallel=1)
+    assert [(r["name"], r["status"]) for r in done] == [("a", "cap"), ("b", "not started (cap)")]
+    assert done[0]["seconds"] < 10
+
+
 @needs_cuda
 def test_star_in_weights_quick_cuda(tmp_path):
     proc, res = run_script("star_in_weights.py", "--quick", "--device", "cuda", "--compile", out=tmp_path)

@@ -1,0 +1,224 @@
+"""One prepared GPU session (issue 10): every GPU default run on CUDA, the headline timed from a cold
+start, the training step's throughput, all inside one call of the device tool (~9 minutes).
+
+Phases, in order, each stopped at its cap and all of them at --budget seconds from the start:
+  env        nvidia-smi, torch / CUDA versions
+  cuda_tests pytest test_all.py -k "cuda or mamba_ssm" (the tests that need CUDA)
+  bench      star_in_weights.py --degree 5000 --hardest-token --bench (steps/s, examples/s, MFU, x release),
+             then the same with --compile-mode reduce-overhead (CUDA graphs)
+  headline   star_in_weights.py --degree 5000 --hardest-token, as the README gives it, alone on the GPU,
+             with an empty compile cache (its wall time includes start-up and compilation)
+  smoke      every other GPU default for a few hundred steps, side by side on the one GPU (crash check)
+Nothing of a run is lost at a cap: its log holds the progress lines so far.
+
+Commands (from the repository root)
+    python gpu_check.py --out $OUT                     # on the GPU machine (the device tool sets $OUT)
+    python gpu_check.py --plan                         # print every command, run nothing
+    python gpu_check.py --cpu-rehearsal --out /tmp/gc  # the same plumbing on a CPU at --quick sizes
+Writes into --out (at most 3 files, as the device tool brings back 8): summary.md (the table; also
+printed last), summary.json, runs.tar.gz (each run's folder: results.json, figures, log.txt).
+The runs themselves work under --work (default /tmp/gpu_check).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+SMOKE_STEPS = ["--steps", "300", "--warmup", "100", "--eval-every", "100"]  # a few hundred steps of a default
+
+# (name, script, the claim's own flags (kept in a CPU rehearsal), the scale flags (replaced there by --quick))
+BENCH = [("bench", "star_in_weights.py", ["--hardest-token", "--bench"], ["--degree", "5000"]),
+         ("bench_cuda_graphs", "star_in_weights.py", ["--hardest-token", "--bench", "--compile-mode", "reduce-overhead"],
+          ["--degree", "5000"])]  # the lean probe's lever: CUDA graphs around the step
+HEADLINE = ("headline", "star_in_weights.py", ["--hardest-token"], ["--degree", "5000"])
+SMOKE = [
+    ("full_path", "star_in_weights.py", [], ["--degree", "5000", *SMOKE_STEPS]),
+    ("mamba", "star_in_weights.py", ["--hardest-token", "--model", "mamba"], ["--degree", "5000", *SMOKE_STEPS]),
+    ("mamba_release_eager", "star_in_weights.py", ["--hardest-token", "--model", "mamba", "--mamba-block", "release",
+                                                  "--no-compile"], ["--degree", "5000", *SMOKE_STEPS]),
+    ("forward_edges", "star_in_weights.py", ["--hardest-token", "--edges", "forward"], ["--degree", "5000", *SMOKE_STEPS]),
+    ("reverse_path", "star_in_weights.py", ["--reverse-path"], ["--degree", "5000", *SMOKE_STEPS]),
+    ("pauses0", "star_in_weights.py", ["--hardest-token", "--pauses", "0"], ["--degree", "5000", *SMOKE_STEPS]),
+    ("staged", "star_in_weights.py", ["--hardest-token", "--recipe", "staged"],
+     ["--degree", "5000", "--edge-steps", "150", "--steps", "150", "--warmup", "50", "--eval-every", "50"]),
+    ("freeze_embeddings", "freeze_embeddings.py", [], SMOKE_STEPS),
+    ("tree_star", "tree_star.py", [], SMOKE_STEPS),
+    ("star_in_context", "star_in_context.py", [], SMOKE_STEPS),
+    ("node2vec_spectral", "node2vec_spectral.py", [], []),
+    ("tiny_graphs", "tiny_graphs.py", [], ["--steps-scale", "0.05", "--eval-points", "10"]),
+    ("tiny_graphs_regularizers", "tiny_graphs.py", ["--study", "regularizers"],
+     ["--steps-scale", "0.05", "--eval-points", "10"]),
+]
+CAPS = {"env": 30, "cuda_tests": 120, "bench": 180, "headline": 330}  # seconds; smoke gets what is left
+RESERVE = 25  # seconds kept at the end for the summary and the archive
+
+
+def command(spec, work: str, rehearsal: bool) -> list[str]:
+    name, script, claim, scale = spec
+    sizes = ["--quick", "--device", "cpu"] if rehearsal else ["--device", "cuda", *scale]
+    return [PY, os.path.join(HERE, script), *claim, *sizes, "--out", os.path.join(work, name)]
+
+
+def plan(work: str, rehearsal: bool) -> list[tuple[str, list[list[str]], dict]]:
+    """[(phase, [(name, argv), ...], env overrides)]; the smoke runs of a phase run side by side."""
+    cuda_tests = [PY, "-m", "pytest", os.path.join(HERE, "test_all.py"), "-k", "cuda or mamba_ssm", "-q", "-rs"]
+    env_probe = ["bash", "-c", "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm "
+                 "--format=csv; nproc; " + f"'{PY}' -c \"import torch; print('torch', torch.__version__, 'cuda', "
+                 "torch.version.cuda, 'available', torch.cuda.is_available())\""]
+    cold = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor_cache_headline")}  # a cold compile, as a user's
+    return [("env", [("env", env_probe)], {}),
+            ("cuda_tests", [("cuda_tests", cuda_tests)], {}),
+            ("bench", [(b[0], command(b, work, rehearsal)) for b in BENCH], {}),
+            ("headline", [(HEADLINE[0], command(HEADLINE, work, rehearsal))], cold),
+            ("smoke", [(s[0], command(s, work, rehearsal)) for s in SMOKE], {})]
+
+
+def gpu_memory_gb() -> float:
+    """The first GPU's memory from nvidia-smi (0 without one); the driver itself holds no CUDA context."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return float(out.split()[0]) / 1024
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return 0.0
+
+
+def run_group(runs, env_extra: dict, cap: float, work: str, parallel: int) -> list[dict]:
+    """Start the runs (at most `parallel` at once), stop any still going at `cap` seconds; one log each."""
+    threads = 1 if parallel > 1 else min(8, os.cpu_count() or 1)  # side by side: one host thread each
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), **env_extra)
+    pending, active, done, start = list(runs), [], [], time.time()
+    while pending or active:
+        while pending and len(active) < parallel:
+            name, argv = pending.pop(0)
+            os.makedirs(os.path.join(work, name), exist_ok=True)
+            log = open(os.path.join(work, name, "log.txt"), "w")
+            log.write(" ".join(argv) + "\n")
+            log.flush()
+            active.append((name, argv, log, time.time(), subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                                          cwd=HERE, env=env)))
+        time.sleep(0.5)
+        for item in list(active):
+            name, argv, log, t0, proc = item
+            over = time.time() - start > cap
+            if proc.poll() is None and not over:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+            active.remove(item)
+            done.append({"name": name, "argv": argv, "seconds": round(time.time() - t0, 1),
+                         "status": "cap" if over and proc.returncode < 0 else f"rc={proc.returncode}"})
+        if time.time() - start > cap:  # the cap also covers runs not yet started
+            done += [{"name": n, "argv": a, "seconds": 0.0, "status": "not started (cap)"} for n, a in pending]
+            pending = []
+    return done
+
+
+def describe(run: dict, work: str) -> dict:
+    """The run's verdict, speed and last progress line, read from its folder."""
+    folder = os.path.join(work, run["name"])
+    lines = open(os.path.join(folder, "log.txt")).read().splitlines()
+    run["last_line"] = next((ln for ln in reversed(lines) if ln.strip()), "")[:300]
+    path = os.path.join(folder, "results.json")
+    if os.path.exists(path):
+        res = json.load(open(path))
+        v = res.get("verdict", {})
+        run.update(device=res.get("device"), reproduced=v.get("reproduced"), value=v.get("value"),
+                   run_seconds=res.get("seconds"), speed=res.get("speed"),
+                   history=[{k: h.get(k) for k in ("step", "seconds", "test_first_token", "test_exact")}
+                            for h in res.get("history", [])])
+    return run
+
+
+def table(runs: list[dict]) -> str:
+    rows = ["| phase | run | status | wall s | device | reproduced | value | last line |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        value = f"{r['value']:.4f}" if isinstance(r.get("value"), (int, float)) else ""
+        rows.append(f"| {r['phase']} | {r['name']} | {r['status']} | {r['seconds']} | {r.get('device', '')} | "
+                    f"{r.get('reproduced', '')} | {value} | `{r['last_line'][:140].replace('|', '/')}` |")
+    for r in runs:  # the curve of every run that targets the headline's metric, and when it reached 0.95
+        hist = [h for h in (r.get("history") or []) if isinstance(h.get("test_first_token"), (int, float))]
+        if r["name"] == "headline" and hist:
+            reach = next((h for h in hist if h["test_first_token"] >= 0.95), None)
+            rows.append(f"\nheadline curve (step: held-out first token @ s): " + ", ".join(
+                f"{h['step']}: {h['test_first_token']:.3f} @ {h['seconds']:.0f}" for h in hist) +
+                f"\nheadline reached 0.95: " + (f"step {reach['step']}, {reach['seconds']:.0f} s of its run" if reach else "no"))
+    keep = ("steps_per_s", "examples_per_s", "model_tflops_per_s", "mfu", "speedup_vs_release", "warmup_seconds")
+    for bench in (r for r in runs if r["phase"] == "bench" and r.get("speed")):
+        rows.append(f"\n{bench['name']}: " + ", ".join(f"{k} {bench['speed'].get(k)}" for k in keep))
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.error = lambda msg: (print(f"gpu_check.py: error: {msg}", file=sys.stderr), sys.exit(2))  # one line, as the kit
+    p.add_argument("--out", default="", help="folder for summary.md, summary.json and runs.tar.gz")
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "gpu_check"), help="where the runs write")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for all phases together")
+    p.add_argument("--parallel", type=int, default=0, help="smoke runs at once; 0 = all of them on a GPU of >= 100 GB "
+                   "(an H200: ~110 GB in all, two Mambas ~25 GB each), else 6")
+    p.add_argument("--only", default="", help="comma-separated run names (e.g. env,headline); default: all")
+    p.add_argument("--plan", action="store_true", help="print the commands and exit")
+    p.add_argument("--cpu-rehearsal", action="store_true", help="the same plumbing on a CPU: every run at --quick")
+    args = p.parse_args(argv)
+    if not args.plan and not args.out:
+        p.error("give --out (or --plan)")
+    if args.budget <= RESERVE or args.parallel < 0:
+        p.error(f"--budget must exceed {RESERVE} s and --parallel be >= 0")
+    phases = plan(args.work, args.cpu_rehearsal)
+    if args.only:
+        names = set(args.only.split(","))
+        unknown = names - {n for _, runs, _ in phases for n, _ in runs}
+        if unknown:
+            p.error(f"--only: no run named {', '.join(sorted(unknown))}")
+        phases = [(ph, [r for r in runs if r[0] in names], env) for ph, runs, env in phases]
+        phases = [ph for ph in phases if ph[1]]
+    if args.parallel == 0:
+        args.parallel = len(SMOKE) if gpu_memory_gb() >= 100 else 6
+    if args.plan:
+        for phase, runs, env in phases:
+            for name, cmd in runs:
+                print(f"[{phase}] {name}: {' '.join(cmd)}" + (f"   (env {env})" if env else ""))
+        return 0
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    os.makedirs(args.out, exist_ok=True)
+    start, results = time.time(), []
+    for phase, runs, env in phases:
+        left = args.budget - RESERVE - (time.time() - start)
+        cap = min(CAPS.get(phase, left), left)
+        if cap < 10:
+            results += [{"phase": phase, "name": n, "argv": a, "seconds": 0.0, "status": "skipped (budget)",
+                         "last_line": ""} for n, a in runs]
+            continue
+        print(f"[gpu_check] {phase}: {len(runs)} run(s), cap {cap:.0f} s", flush=True)
+        parallel = args.parallel if phase == "smoke" else 1
+        for r in run_group(runs, env, cap, args.work, parallel):
+            results.append(describe({"phase": phase, **r}, args.work) if r["status"] != "not started (cap)"
+                           else {"phase": phase, **r, "last_line": ""})
+    summary = table(results)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(f"gpu_check: {time.time() - start:.0f} s in all\n\n{summary}\n")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with tarfile.open(os.path.join(args.out, "runs.tar.gz"), "w:gz") as tar:
+        for name in sorted(os.listdir(args.work)):
+            if not name.startswith("inductor_cache"):
+                tar.add(os.path.join(args.work, name), arcname=name)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
