@@ -522,7 +522,9 @@ class MambaBlock(nn.Module):
         x = F.silu(self.conv1d(x)[..., :L])  # crop right padding -> causal conv
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, ED, L); bias goes in scan
+        # (B, ED, L); the bias goes in the scan. Contiguous, so that its gradient's layout does not depend on
+        # how the scan's backward was computed (AOTAutograd traced one layout and met another: test_gpu_path_on_cpu).
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2).contiguous()
         A = -torch.exp(self.A_log.float())  # (ED, N)
         y = selective_scan(x, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(),
                            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
