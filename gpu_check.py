@@ -45,6 +45,8 @@ BENCH = [("bench", "star_in_weights.py", ["--hardest-token", "--bench"], ["--deg
 HEADLINE = ("headline", "star_in_weights.py", ["--hardest-token"], ["--degree", "5000"])
 SMOKE = [
     ("full_path", "star_in_weights.py", [], ["--degree", "5000", *SMOKE_STEPS]),
+    ("full_path_d10000_l10", "star_in_weights.py", [],  # the largest default: vocabulary 90,009, width 784
+     ["--degree", "10000", "--path-length", "10", "--width", "784", *SMOKE_STEPS]),
     ("mamba", "star_in_weights.py", ["--hardest-token", "--model", "mamba"], ["--degree", "5000", *SMOKE_STEPS]),
     ("mamba_release_eager", "star_in_weights.py", ["--hardest-token", "--model", "mamba", "--mamba-block", "release",
                                                   "--no-compile"], ["--degree", "5000", *SMOKE_STEPS]),
