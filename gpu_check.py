@@ -84,7 +84,9 @@ def plan(work: str, rehearsal: bool) -> list[tuple[str, list[list[str]], dict]]:
             ("cuda_tests", [("cuda_tests", cuda_tests)], {}),
             ("bench", [(b[0], command(b, work, rehearsal)) for b in BENCH], {}),
             ("headline", [(HEADLINE[0], command(HEADLINE, work, rehearsal))], cold),
-            ("smoke", [(s[0], command(s, work, rehearsal)) for s in SMOKE], {})]
+            # side by side, each process compiles in itself: a worker pool per process (one per core by
+            # default) would put ~15 x 16 compiler processes on 16 cores and 128 GB
+            ("smoke", [(s[0], command(s, work, rehearsal)) for s in SMOKE], {"TORCHINDUCTOR_COMPILE_THREADS": "1"})]
 
 
 def gpu_memory_gb() -> float:
