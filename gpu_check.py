@@ -12,7 +12,7 @@ Phases, in order, each stopped at its cap and all of them at --budget seconds fr
 Nothing of a run is lost at a cap: its log holds the progress lines so far.
 
 Commands (from the repository root)
-    python gpu_check.py --out $OUT                     # on the GPU machine (the device tool sets $OUT)
+    python3 gpu_check.py --out $OUT                    # on the GPU machine (its python3 holds torch; $OUT is set)
     python gpu_check.py --plan                         # print every command, run nothing
     python gpu_check.py --cpu-rehearsal --out /tmp/gc  # the same plumbing on a CPU at --quick sizes
 Writes into --out (at most 3 files, as the device tool brings back 8): summary.md (the table; also
