@@ -279,7 +279,8 @@ def train_config(cfg: Config, steps: int, lr: float) -> C.TrainConfig:
     return C.TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, warmup=min(cfg.warmup, steps),
                          weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings,
                          embed_lr_mult=cfg.embed_lr_mult, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
-                         compile=cfg.compile, compile_mode=cfg.compile_mode, precision="bf16",  # bf16 is safe here: accuracies are argmaxes
+                         compile=cfg.compile, compile_mode=cfg.compile_mode,
+                         precision="bf16",  # bf16 is safe here: accuracies are argmaxes
                          stop_when=(lambda r: r["test_first_token"] >= cfg.stop_at) if cfg.stop_at > 0 else None)
 
 
