@@ -489,7 +489,7 @@ def test_star_in_weights_bad_input(args, tmp_path):
 
 # The GPU path's code (bf16 autocast, fused AdamW, torch.compile) run on the CPU: CI has no GPU, and
 # a dtype clash under autocast, a compile failure or an unfused optimizer would otherwise first show
-# on a lent GPU. Each case: (script, its flags after --quick, whether the run asks for bf16).
+# on a lent GPU. Each case: (script module, its flags after --quick).
 GPU_PATH_CASES = {
     "gpt_full_path": ("star_in_weights", ["--steps", "12", "--warmup", "4", "--eval-every", "6"]),
     "gpt_bench": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3"]),
@@ -544,7 +544,7 @@ def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
     res = json.load(open(tmp_path / "results.json"))
     assert res["device"] == "cpu" and fused and all(fused), (fused, err[-500:])
     assert compiled and all(compiled), compiled
-    if shutil.which("g++") or shutil.which("c++"):  # inductor's CPU backend needs a C++ compiler
+    if case != "gpt_full_path" or shutil.which("g++") or shutil.which("c++"):  # inductor's CPU code needs one
         assert "torch.compile failed" not in err, err[-1000:]
     precision = res.get("precision") or res.get("data", {}).get("precision")
     bf16 = [precision] if isinstance(precision, str) else [v for v in (precision or {}).values()]
