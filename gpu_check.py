@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,7 @@ SMOKE = [
 ]
 CAPS = {"env": 30, "cuda_tests": 120, "bench": 180, "headline": 330}  # seconds; smoke gets what is left
 RESERVE = 25  # seconds kept at the end for the summary and the archive
+PROGRESS = re.compile(r"^step\s+(\d+)/\d+ \|\s+([\d.]+)s \|.*\| test_first_token ([\d.]+)")
 
 
 def command(spec, work: str, rehearsal: bool) -> list[str]:
@@ -137,6 +139,9 @@ def describe(run: dict, work: str) -> dict:
     folder = os.path.join(work, run["name"])
     lines = open(os.path.join(folder, "log.txt")).read().splitlines()
     run["last_line"] = next((ln for ln in reversed(lines) if ln.strip()), "")[:300]
+    # the progress lines (common.progress_line), so that a run stopped at its cap still shows its curve
+    run["history"] = [{"step": int(m.group(1)), "seconds": float(m.group(2)), "test_first_token": float(m.group(3))}
+                      for m in map(PROGRESS.search, lines) if m]
     path = os.path.join(folder, "results.json")
     if os.path.exists(path):
         res = json.load(open(path))
@@ -154,13 +159,15 @@ def table(runs: list[dict]) -> str:
         value = f"{r['value']:.4f}" if isinstance(r.get("value"), (int, float)) else ""
         rows.append(f"| {r['phase']} | {r['name']} | {r['status']} | {r['seconds']} | {r.get('device', '')} | "
                     f"{r.get('reproduced', '')} | {value} | `{r['last_line'][:140].replace('|', '/')}` |")
-    for r in runs:  # the curve of every run that targets the headline's metric, and when it reached 0.95
+    for r in runs:  # the headline's curve, and when it reached 0.95
         hist = [h for h in (r.get("history") or []) if isinstance(h.get("test_first_token"), (int, float))]
         if r["name"] == "headline" and hist:
             reach = next((h for h in hist if h["test_first_token"] >= 0.95), None)
-            rows.append(f"\nheadline curve (step: held-out first token @ s): " + ", ".join(
-                f"{h['step']}: {h['test_first_token']:.3f} @ {h['seconds']:.0f}" for h in hist) +
-                f"\nheadline reached 0.95: " + (f"step {reach['step']}, {reach['seconds']:.0f} s of its run" if reach else "no"))
+            rows.append("\nheadline curve (step: held-out first token @ s of training): " + ", ".join(
+                f"{h['step']}: {h['test_first_token']:.3f} @ {h['seconds']:.0f}" for h in hist))
+            reached = f"step {reach['step']}, {reach['seconds']:.0f} s into training" if reach else "no"
+            rows.append(f"headline reached 0.95: {reached}; the process's wall time, start-up and compilation "
+                        f"included: {r['seconds']} s")
     keep = ("steps_per_s", "examples_per_s", "model_tflops_per_s", "mfu", "speedup_vs_release", "warmup_seconds")
     for bench in (r for r in runs if r["phase"] == "bench" and r.get("speed")):
         rows.append(f"\n{bench['name']}: " + ", ".join(f"{k} {bench['speed'].get(k)}" for k in keep))

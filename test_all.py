@@ -592,6 +592,20 @@ def test_gpu_check_rehearsal_and_caps(tmp_path):
     assert done[0]["seconds"] < 10
 
 
+def test_gpu_check_reads_the_kit_progress_lines():
+    """A run stopped at its cap has no results.json: gpu_check reads its curve off the progress lines,
+    so its pattern must match what common.progress_line writes; the summary says when 0.95 came."""
+    import gpu_check
+    records = [{"step": 0, "epoch": 0.0, "seconds": 0.0, "train_loss": None, "test_first_token": 0.0},
+               {"step": 250, "epoch": 11.7, "seconds": 12.5, "train_loss": 2.1, "test_first_token": 0.97, "edge_topk": 1.0}]
+    lines = [C.progress_line(r, 4000) for r in records]
+    parsed = [m.groups() for m in map(gpu_check.PROGRESS.search, lines)]
+    assert [(int(a), float(b), float(c)) for a, b, c in parsed] == [(0, 0.0, 0.0), (250, 12.5, 0.97)], lines
+    run = {"phase": "headline", "name": "headline", "status": "cap", "seconds": 330.0, "last_line": lines[-1],
+           "history": [{"step": int(a), "seconds": float(b), "test_first_token": float(c)} for a, b, c in parsed]}
+    assert "headline reached 0.95: step 250, 12 s into training" in gpu_check.table([run])
+
+
 def test_compile_modes_are_torch_compile_modes():
     m = tiny_gpt()
     for mode in C.COMPILE_MODES:  # torch.compile checks the mode when it wraps (it compiles lazily)
