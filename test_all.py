@@ -537,7 +537,7 @@ def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
 
     monkeypatch.setattr(C, "make_optimizer", spy_optimizer)
     monkeypatch.setattr(C, "try_compile", spy_compile)
-    cfg = C.cli(script.Config, "", script.QUICK, script.validate, small=getattr(script, "SMALL", None),
+    cfg = C.cli(script.Config, "", script.QUICK, script.validate, small=script.SMALL,
                 argv=["--quick", "--device", "cpu", "--out", str(tmp_path), *args])
     script.run(cfg)
     err = capfd.readouterr().err
@@ -565,7 +565,7 @@ def test_gpu_check_plan_parses_as_each_script_would():
             continue
         script = importlib.import_module(os.path.basename(argv[1])[:-3])
         args = ["cpu" if a == "cuda" else a for a in argv[2:]]
-        cfg = C.cli(script.Config, "", script.QUICK, script.validate, small=getattr(script, "SMALL", None), argv=args)
+        cfg = C.cli(script.Config, "", script.QUICK, script.validate, small=script.SMALL, argv=args)
         assert cfg.out.endswith(name), (name, cfg.out)
         checked += 1
     assert checked == 2 * (len(gpu_check.SMOKE) + len(gpu_check.BENCH) + 1)
