@@ -198,13 +198,13 @@ def main(argv=None) -> int:
             p.error(f"--only: no run named {', '.join(sorted(unknown))}")
         phases = [(ph, [r for r in runs if r[0] in names], env) for ph, runs, env in phases]
         phases = [ph for ph in phases if ph[1]]
-    if args.parallel == 0:
-        args.parallel = len(SMOKE) if gpu_memory_gb() >= 70 else 6
     if args.plan:
         for phase, runs, env in phases:
             for name, cmd in runs:
                 print(f"[{phase}] {name}: {' '.join(cmd)}" + (f"   (env {env})" if env else ""))
         return 0
+    if args.parallel == 0:  # asked of nvidia-smi only when something will run
+        args.parallel = len(SMOKE) if gpu_memory_gb() >= 70 else 6
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     os.makedirs(args.out, exist_ok=True)
