@@ -31,6 +31,19 @@ needs_cuda = pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+# Two suites take minutes per test and run only when `-m` names them (`.ci/run` runs both after the unit
+# tests): the paper-scale dry runs (`-m paper_scale`, ~6 min) and the reproduction suite (`-m reproduce`, ~20 min).
+OPT_IN = ("paper_scale", "reproduce")
+
+
+@pytest.fixture(autouse=True)
+def opt_in_suites(request):
+    selected = request.config.option.markexpr or ""
+    for name in OPT_IN:
+        if request.node.get_closest_marker(name) and name not in selected:
+            pytest.skip(f"{name} suite (minutes per test): run `pytest test_all.py -m {name}`")
+
+
 def run_script(script, *args, out=None, timeout=600):
     """Run a kit script as a user would; returns (CompletedProcess, results dict or None)."""
     cmd = [sys.executable, os.path.join(HERE, script), *args] + (["--out", str(out)] if out else [])
@@ -55,13 +68,18 @@ def assert_results_shape(res, script):
     assert "speed" in res and not any("seconds" in k or k.endswith("_per_s") for k in res["metrics"])
 
 
-def assert_bad_input(script, args, tmp_path):
-    out = tmp_path / "must_not_exist"
-    proc, _ = run_script(script, *args, out=out, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not out.exists()
+def assert_bad_input(script, args, capsys):
+    """Refused by the script's command line, which every script's main runs before any work (its
+    `run(cfg)` is never reached): exit status 2 and a one-line error. In-process, as a child process per
+    case costs ~3 s of imports; `test_out_naming_a_file_is_refused` runs each script as a user would."""
+    import importlib
+    mod = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as exc:
+        C.cli(mod.Config, "", mod.QUICK, mod.validate, argv=[*args, "--out", "must_not_exist"], small=mod.SMALL)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert ": error: " in err, err
 
 
 # ------------------------------------------------------------------------------------- graphs
@@ -483,8 +501,8 @@ def test_star_in_weights_edge_direction_claims(edges, reverse, success):
 @pytest.mark.parametrize("args", [["--degree", "1"], ["--path-length", "1"], ["--train-ratio", "1.2"],
                                   ["--width", "65", "--heads", "4"], ["--pauses", "80"], ["--model", "rnn"],
                                   ["--hardest-token", "--reverse-path"], ["--steps", "ten"]])
-def test_star_in_weights_bad_input(args, tmp_path):
-    assert_bad_input("star_in_weights.py", args, tmp_path)
+def test_star_in_weights_bad_input(args, capsys):
+    assert_bad_input("star_in_weights.py", args, capsys)
 
 
 # The GPU path's code (bf16 autocast, fused AdamW, torch.compile) run on the CPU: CI has no GPU, and
@@ -948,8 +966,8 @@ def test_every_numeric_flag_rejects_bad_values(script, capsys):
     ("star_in_weights.py", ["--path-length", "2"]), ("tree_star.py", ["--seed", "-1"]),
     ("star_in_context.py", ["--lr", "nan"]), ("freeze_embeddings.py", ["--warmup", "20000"]),
 ])
-def test_bad_input_listed_in_the_review(script, args, tmp_path):
-    assert_bad_input(script, args, tmp_path)
+def test_bad_input_listed_in_the_review(script, args, capsys):
+    assert_bad_input(script, args, capsys)
 
 
 @pytest.mark.parametrize("script", [s + ".py" for s in SCRIPTS])
@@ -981,7 +999,8 @@ def test_geometry_leaves_same_node_pairs_out():
 # ===================================================================================== paper scale on the CPU
 # Every script's default configuration at its full data size (graph, vocabulary, evaluation, figures)
 # with the model narrowed to 1 x 16, two training steps and a full evaluation, in a child process
-# whose peak resident memory is measured. `pytest -m paper_scale` selects these alone.
+# whose peak resident memory is measured: `pytest test_all.py -m paper_scale` (~6 min; .ci/run runs it). The
+# paper's widths and the headline's evaluation cost, below them, take seconds and run in the plain command.
 NARROW = ["--layers", "1", "--width", "16", "--heads", "2", "--steps", "2", "--eval-every", "2", "--warmup", "0",
           "--device", "cpu"]
 GB = 2 ** 30
@@ -1041,7 +1060,6 @@ def test_default_configuration_at_paper_scale(script, args, vocab, rows, tmp_pat
 
 # The paper's widths, constructed once (no training): parameter count and one forward pass, so that a
 # shape error at the real size shows on the CPU.
-@pytest.mark.paper_scale
 @pytest.mark.parametrize("kind,vocab,layers,width,heads,seq", [
     ("gpt", 20_008, 12, 384, 8, 12), ("gpt", 90_008, 12, 784, 8, 22), ("mamba", 20_008, 12, 384, 8, 12),
     ("gpt", 15_009, 12, 384, 8, 12), ("gpt", 108, 12, 384, 8, 40)])
@@ -1055,7 +1073,6 @@ def test_paper_width_models_build_and_run(kind, vocab, layers, width, heads, seq
         assert model(x, torch.tensor([seq - 1])).shape == (2, 1, vocab)
 
 
-@pytest.mark.paper_scale
 def test_headline_evaluation_costs_under_a_tenth_of_its_training():
     """One full evaluation of the headline (G(5000,5), every edge, every path, geometry) against the
     --eval-every steps it interrupts, in matmul FLOPs of the paper's 12 x 384 model: < 10%."""
@@ -1481,11 +1498,8 @@ def test_sign_check_needs_the_majority_on_every_graph():
 # ---------------------------------------------------------------------------------------------- scripts
 @pytest.mark.parametrize("flags", [["--seeds", "0,0"], ["--seeds", "a"], ["--seeds", "-1"], ["--seeds", ""],
                                    ["--seeds", "0,,1"], ["--majority", "0"], ["--majority", "1.5"]])
-def test_bad_seed_flags_exit_2_with_one_line(tmp_path, flags):
-    proc = run_cmd(["tiny_graphs.py", *flags, "--out", str(tmp_path / "bad")], tmp_path)
-    assert proc.returncode == 2, (flags, proc.stderr)
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "bad").exists()
+def test_bad_seed_flags_exit_2_with_one_line(flags, capsys):
+    assert_bad_input("tiny_graphs.py", flags, capsys)
 
 
 def test_tiny_graphs_quick_end_to_end(tmp_path):
@@ -1578,8 +1592,8 @@ def test_every_script_has_a_valid_small_preset(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_quick_and_small_together_is_bad_input(script, tmp_path):
-    assert_bad_input(script + ".py", ["--quick", "--small"], tmp_path)
+def test_quick_and_small_together_is_bad_input(script, capsys):
+    assert_bad_input(script + ".py", ["--quick", "--small"], capsys)
 
 
 def test_small_command_names_the_claim():
@@ -1621,15 +1635,9 @@ REPRODUCE = [
 VALUE_FLOOR = {"full_path_borderline": 0.5}
 
 
-@pytest.fixture
-def reproduce_selected(request):
-    if "reproduce" not in (request.config.option.markexpr or ""):
-        pytest.skip("reproduction suite (minutes per claim): run `pytest test_all.py -m reproduce`")
-
-
 @pytest.mark.reproduce
 @pytest.mark.parametrize("name,script,flags,reproduced,why_not", REPRODUCE, ids=[r[0] for r in REPRODUCE])
-def test_small_claim_verdict(name, script, flags, reproduced, why_not, reproduce_selected, tmp_path):
+def test_small_claim_verdict(name, script, flags, reproduced, why_not, tmp_path):
     out = tmp_path / name
     proc, res = run_script(script, "--small", "--device", "cpu", *flags, out=out, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
