@@ -14,7 +14,7 @@ Commands
     python star_in_weights.py --degree 5000 --edges forward      # Fig 33: reversal curse
     python star_in_weights.py --degree 5000 --reverse-path       # Fig 34 left
     python star_in_weights.py --degree 5000 --recipe staged      # Fig 36: edges, then paths
-    python star_in_weights.py --degree 5000 --pauses 0           # Fig 35: pause tokens
+    python star_in_weights.py --degree 5000 --pauses 0           # Fig 35: 0 pauses against the default 5
     python star_in_weights.py --degree 5000 --hardest-token --bench  # throughput only
     python star_in_weights.py --quick                            # CPU smoke test, < 1 minute
     OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token          # the headline on a CPU, ~1 min
@@ -117,7 +117,7 @@ class Config:
 
 
 QUICK = dict(degree=20, path_length=5, layers=2, width=64, heads=4, steps=600, batch_size=64, lr=3e-3,
-             warmup=50, eval_every=100, edge_steps=300, edge_lr=3e-3, pauses=2, bench_steps=20,
+             warmup=50, eval_every=100, edge_steps=300, edge_lr=3e-3, bench_steps=20,
              embed_lr_mult=1.0, weight_decay=0.01)  # the smoke test keeps the plain recipe at its high LR
 
 
@@ -155,6 +155,8 @@ def validate(cfg: Config) -> str | None:
         return f"{pause_count(cfg)} pauses and a path of {cfg.path_length} nodes exceed the 64-token context"
     if cfg.recipe == "staged" and cfg.edge_steps < 1:
         return "--recipe staged needs --edge-steps >= 1"
+    if cfg.stop_at and compares_pauses(cfg) and not cfg.bench:
+        return "--stop-at would end the pause ablation and its control at different steps; Fig 35 compares whole curves"
     return None
 
 
@@ -178,12 +180,38 @@ def claim_of(cfg: Config) -> tuple[str, bool]:
                 "(reversal curse)", False)
     if cfg.recipe == "staged":
         return "Fig 36: edges first, then paths, reaches a high (if momentary) peak held-out accuracy", True
+    if compares_pauses(cfg):
+        return (f"Fig 35: more pause tokens converge faster: {max(pause_count(cfg), cfg.path_length)} pauses give a higher "
+                f"held-out curve than {min(pause_count(cfg), cfg.path_length)}, same steps and data"), True
     if cfg.hardest_token:
         return f"§2 headline: the hardest (first) token of held-out paths is learned (chance {1 / cfg.degree:.2g})", True
     return "§2 / Fig 12: held-out paths are generated exactly" + (" in reverse (Fig 34)" if cfg.reverse_path else ""), True
 
 
 SUCCESS = 0.90  # held-out accuracy that counts as "learned" for the success claims
+
+
+def compares_pauses(cfg: Config) -> bool:
+    """An explicit --pauses other than the paper's k = l is Fig 35's ablation: the run is judged against a
+    control with k = l pauses (same graph, init, data order and steps). Failure and staged claims keep theirs."""
+    return (cfg.pauses not in (-1, cfg.path_length) and cfg.recipe == "mixed" and cfg.edges == "both"
+            and not cfg.freeze_embeddings)
+
+
+def pauses_verdict(cfg: Config, final: dict, n_test: int) -> dict:
+    """Fig 35: the run with more pauses has the higher held-out curve (mean accuracy over the evaluations
+    after step 0: it rewards both getting there sooner and ending higher), by at least one held-out
+    path's worth (1/n). Equal curves, e.g. two arms that learned nothing, do not count."""
+    key = "test_first_token" if cfg.hardest_token else "test_exact"
+    arm, control = final[f"mean_{key}"], final["control"][f"mean_{key}"]
+    more_minus_fewer = (control - arm) if cfg.path_length > pause_count(cfg) else (arm - control)
+    v = C.verdict(more_minus_fewer, 1 / n_test, f"mean held-out {key.replace('_', ' ')} over the evaluations, "
+                  f"{max(pause_count(cfg), cfg.path_length)} pauses minus {min(pause_count(cfg), cfg.path_length)}, "
+                  f">= 1/{n_test} (one held-out path)")
+    v.update({f"mean_{key}_{pause_count(cfg)}_pauses": arm, f"mean_{key}_{cfg.path_length}_pauses": control})
+    if not v["reproduced"]:
+        v["why_not"] = f"more pauses did not give a higher held-out curve (difference {more_minus_fewer:.4g})"
+    return v
 
 
 def compute_verdict(cfg: Config, final: dict, n_test: int) -> dict:
@@ -193,6 +221,8 @@ def compute_verdict(cfg: Config, final: dict, n_test: int) -> dict:
     paths are memorized: a model that learned nothing says nothing about composition."""
     claim, success = claim_of(cfg)
     chance = 1 / cfg.degree
+    if compares_pauses(cfg):
+        return pauses_verdict(cfg, final, n_test)
     if not success:
         trained = "train_first_token" if cfg.hardest_token else "train_exact"
         return C.failure_verdict(final["test_first_token"], n_test, chance,
@@ -226,13 +256,23 @@ def geometry(model, g: C.Graph, n_paths: int, seed: int) -> dict:
             "path_diag": float(np.diag(d_path).mean()), "path_offdiag": float(d_path[off].mean())}
 
 
-def plot_accuracy(history, cfg, d, out):
+def control_label(cfg: Config) -> str:
+    return f"control ({pause_count(control_of(cfg))} pauses)" if compares_pauses(cfg) else "control (the ablation off)"
+
+
+def plot_accuracy(history, cfg, d, out, control_history=None, control_name=""):
+    """Held-out and training accuracy over steps (Figs 3, 12; with a control, e.g. Fig 35's k = l pauses,
+    its held-out curve beside the run's)."""
     steps = [h["step"] for h in history]
     fig, axes = C.plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     for key, label in (("test_first_token", "held-out first token (a1)"), ("test_exact", "held-out exact match"),
                        ("train_first_token", "train first token"), ("train_exact", "train exact match"),
                        ("edge_topk", "edge top-k recovery")):
         axes[0].plot(steps, [h[key] for h in history], label=label, ls="--" if key.startswith("train") else "-")
+    key = "test_first_token" if cfg.hardest_token or not compares_pauses(cfg) else "test_exact"
+    if control_history:
+        axes[0].plot([h["step"] for h in control_history], [h[key] for h in control_history], color="k", lw=1.2,
+                     ls="-.", label=f"{control_name}: {key.replace('_', ' ')}")
     axes[0].axhline(1 / d, color="gray", lw=0.8, ls=":", label=f"chance 1/d = {1 / d:.2g}")
     axes[0].set(xlabel="optimizer step", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"G({d},{cfg.path_length}), {cfg.model}")
     axes[0].legend(fontsize=7)
@@ -329,6 +369,8 @@ def train_arm(cfg: Config, g, sets, model, device, tag: str = "") -> tuple[dict,
     final["epochs"] = history[-1]["epoch"]
     final["peak_test_first_token"] = max(h["test_first_token"] for h in history)
     final["peak_test_exact"] = max(h["test_exact"] for h in history)
+    for key in ("test_first_token", "test_exact"):  # the area under the held-out curve, per evaluation
+        final[f"mean_{key}"] = float(np.mean([h[key] for h in history[1:]] or [0.0]))
     train_sets = [edges, train_set] if cfg.recipe == "mixed" else [train_set]  # the sets of the (last) stage
     last_stage_steps = history[-1]["step"] - (cfg.edge_steps if cfg.recipe == "staged" else 0)  # < --steps if stopped
     speed = C.training_speed(model, train_sets, cfg.batch_size, last_stage_steps, train_seconds)
@@ -342,10 +384,13 @@ def train_arm(cfg: Config, g, sets, model, device, tag: str = "") -> tuple[dict,
     return final, history, speed
 
 
-def control_of(cfg: Config) -> Config:
-    """The same run without the ablation that a failure claim is about (trainable embeddings, both
-    edge directions): if it does not generalize either, the failure says nothing."""
-    return dataclasses.replace(cfg, freeze_embeddings=False, edges="both")
+def control_of(cfg: Config) -> Config | None:
+    """The same run without the ablation it is about: for a failure claim trainable embeddings and both
+    edge directions (if the control does not generalize either, the failure says nothing); for Fig 35's
+    pause ablation the paper's k = l pauses. None: the claim needs no control."""
+    if compares_pauses(cfg):
+        return dataclasses.replace(cfg, pauses=-1)
+    return None if claim_of(cfg)[1] else dataclasses.replace(cfg, freeze_embeddings=False, edges="both")
 
 
 def small_command(cfg: Config) -> str:
@@ -382,15 +427,16 @@ def run(cfg: Config) -> dict:
     final, history, speed = train_arm(cfg, g, sets, model, device)
     geo = geometry(model, g, cfg.geometry_paths, cfg.seed)
     final.update({f"geometry_{k}": v for k, v in geo.items() if isinstance(v, float)})
-    figures = plot_accuracy(history, cfg, cfg.degree, out) + plot_per_position(history, cfg, out) + plot_geometry(geo, out)
-    extra = {}
-    if not success:  # a failure claim is judged against its control, trained on the same budget
-        ccfg = control_of(cfg)
-        print(f"[{SCRIPT}] control: the same budget with trainable embeddings and both edge directions")
+    extra, ccfg = {}, control_of(cfg)
+    if ccfg is not None:  # judged against its control, trained on the same budget
+        print(f"[{SCRIPT}] control: the same budget with " + (f"{pause_count(ccfg)} pauses" if compares_pauses(cfg)
+              else "trainable embeddings and both edge directions"))
         control, control_history, control_speed = train_arm(ccfg, *build(ccfg, device), device, "control")
         final["control"] = {k: v for k, v in control.items() if not k.endswith("per_position")}
         extra = {"control_history": control_history}
         speed["control"] = control_speed
+    figures = (plot_accuracy(history, cfg, cfg.degree, out, extra.get("control_history"), control_label(cfg))
+               + plot_per_position(history, cfg, out) + plot_geometry(geo, out))
     return C.write_results(out, SCRIPT, claim, cfg, device, time.time() - start, final, history,
                            compute_verdict(cfg, final, len(test_set)), speed=speed, data=info,
                            figures=[os.path.basename(f) for f in figures], **extra)
