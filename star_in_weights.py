@@ -191,6 +191,12 @@ def claim_of(cfg: Config) -> tuple[str, bool]:
 SUCCESS = 0.90  # held-out accuracy that counts as "learned" for the success claims
 
 
+def judged_key(cfg: Config) -> str:
+    """The held-out accuracy a claim is judged on: the first hop a1 with --hardest-token and for the failure
+    claims (composition at chance), exact match of the generated path otherwise."""
+    return "test_first_token" if cfg.hardest_token or not claim_of(cfg)[1] else "test_exact"
+
+
 def compares_pauses(cfg: Config) -> bool:
     """An explicit --pauses other than the paper's k = l is Fig 35's ablation: the run is judged against a
     control with k = l pauses (same graph, init, data order and steps). Failure and staged claims keep theirs."""
@@ -202,7 +208,7 @@ def pauses_verdict(cfg: Config, final: dict, n_test: int) -> dict:
     """Fig 35: the run with more pauses has the higher held-out curve (mean accuracy over the evaluations
     after step 0: it rewards both getting there sooner and ending higher), by at least one held-out
     path's worth (1/n). Equal curves, e.g. two arms that learned nothing, do not count."""
-    key = "test_first_token" if cfg.hardest_token else "test_exact"
+    key = judged_key(cfg)
     arm, control = final[f"mean_{key}"], final["control"][f"mean_{key}"]
     more_minus_fewer = (control - arm) if cfg.path_length > pause_count(cfg) else (arm - control)
     v = C.verdict(more_minus_fewer, 1 / n_test, f"mean held-out {key.replace('_', ' ')} over the evaluations, "
@@ -228,7 +234,7 @@ def compute_verdict(cfg: Config, final: dict, n_test: int) -> dict:
         return C.failure_verdict(final["test_first_token"], n_test, chance,
                                  {f"edge_topk ({cfg.edges})": final["edge_topk"], trained: final[trained]},
                                  "held-out first hop a1", control=final["control"]["test_first_token"])
-    key = "test_first_token" if cfg.hardest_token else "test_exact"
+    key = judged_key(cfg)
     if cfg.recipe == "staged":
         key = "peak_" + key
     return C.verdict(final[key], SUCCESS, f"{key.replace('_', ' ')} >= {SUCCESS} (chance first token {chance:.2g})")
@@ -256,10 +262,6 @@ def geometry(model, g: C.Graph, n_paths: int, seed: int) -> dict:
             "path_diag": float(np.diag(d_path).mean()), "path_offdiag": float(d_path[off].mean())}
 
 
-def control_label(cfg: Config) -> str:
-    return f"control ({pause_count(control_of(cfg))} pauses)" if compares_pauses(cfg) else "control (the ablation off)"
-
-
 def plot_accuracy(history, cfg, d, out, control_history=None, control_name=""):
     """Held-out and training accuracy over steps (Figs 3, 12; with a control, e.g. Fig 35's k = l pauses,
     its held-out curve beside the run's)."""
@@ -269,7 +271,7 @@ def plot_accuracy(history, cfg, d, out, control_history=None, control_name=""):
                        ("train_first_token", "train first token"), ("train_exact", "train exact match"),
                        ("edge_topk", "edge top-k recovery")):
         axes[0].plot(steps, [h[key] for h in history], label=label, ls="--" if key.startswith("train") else "-")
-    key = "test_first_token" if cfg.hardest_token or not compares_pauses(cfg) else "test_exact"
+    key = judged_key(cfg)
     if control_history:
         axes[0].plot([h["step"] for h in control_history], [h[key] for h in control_history], color="k", lw=1.2,
                      ls="-.", label=f"{control_name}: {key.replace('_', ' ')}")
@@ -427,15 +429,16 @@ def run(cfg: Config) -> dict:
     final, history, speed = train_arm(cfg, g, sets, model, device)
     geo = geometry(model, g, cfg.geometry_paths, cfg.seed)
     final.update({f"geometry_{k}": v for k, v in geo.items() if isinstance(v, float)})
-    extra, ccfg = {}, control_of(cfg)
+    extra, ccfg, control_name = {}, control_of(cfg), ""
     if ccfg is not None:  # judged against its control, trained on the same budget
-        print(f"[{SCRIPT}] control: the same budget with " + (f"{pause_count(ccfg)} pauses" if compares_pauses(cfg)
-              else "trainable embeddings and both edge directions"))
+        control_name = (f"{pause_count(ccfg)} pauses" if compares_pauses(cfg)
+                        else "trainable embeddings and both edge directions")
+        print(f"[{SCRIPT}] control: the same budget with {control_name}")
         control, control_history, control_speed = train_arm(ccfg, *build(ccfg, device), device, "control")
         final["control"] = {k: v for k, v in control.items() if not k.endswith("per_position")}
         extra = {"control_history": control_history}
         speed["control"] = control_speed
-    figures = (plot_accuracy(history, cfg, cfg.degree, out, extra.get("control_history"), control_label(cfg))
+    figures = (plot_accuracy(history, cfg, cfg.degree, out, extra.get("control_history"), f"control ({control_name})")
                + plot_per_position(history, cfg, out) + plot_geometry(geo, out))
     return C.write_results(out, SCRIPT, claim, cfg, device, time.time() - start, final, history,
                            compute_verdict(cfg, final, len(test_set)), speed=speed, data=info,

@@ -68,18 +68,20 @@ def assert_results_shape(res, script):
     assert "speed" in res and not any("seconds" in k or k.endswith("_per_s") for k in res["metrics"])
 
 
-def assert_bad_input(script, args, capsys):
+def assert_bad_input(script, args, tmp_path, capsys):
     """Refused by the script's command line, which every script's main runs before any work (its
-    `run(cfg)` is never reached): exit status 2 and a one-line error. In-process, as a child process per
-    case costs ~3 s of imports; `test_out_naming_a_file_is_refused` runs each script as a user would."""
+    `run(cfg)` is never reached): exit status 2, a one-line error, no --out written. In-process, as a child
+    process per case costs ~3 s of imports; `test_out_naming_a_file_is_refused` runs each script as a user would."""
     import importlib
     mod = importlib.import_module(script.removesuffix(".py"))
+    out = tmp_path / "must_not_exist"
     with pytest.raises(SystemExit) as exc:
-        C.cli(mod.Config, "", mod.QUICK, mod.validate, argv=[*args, "--out", "must_not_exist"], small=mod.SMALL)
+        C.cli(mod.Config, "", mod.QUICK, mod.validate, argv=[*args, "--out", str(out)], small=mod.SMALL)
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert ": error: " in err, err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------- graphs
@@ -501,8 +503,8 @@ def test_star_in_weights_edge_direction_claims(edges, reverse, success):
 @pytest.mark.parametrize("args", [["--degree", "1"], ["--path-length", "1"], ["--train-ratio", "1.2"],
                                   ["--width", "65", "--heads", "4"], ["--pauses", "80"], ["--model", "rnn"],
                                   ["--hardest-token", "--reverse-path"], ["--steps", "ten"]])
-def test_star_in_weights_bad_input(args, capsys):
-    assert_bad_input("star_in_weights.py", args, capsys)
+def test_star_in_weights_bad_input(args, tmp_path, capsys):
+    assert_bad_input("star_in_weights.py", args, tmp_path, capsys)
 
 
 # The GPU path's code (bf16 autocast, fused AdamW, torch.compile) run on the CPU: CI has no GPU, and
@@ -1007,8 +1009,8 @@ def test_every_numeric_flag_rejects_bad_values(script, capsys):
     ("star_in_weights.py", ["--path-length", "2"]), ("tree_star.py", ["--seed", "-1"]),
     ("star_in_context.py", ["--lr", "nan"]), ("freeze_embeddings.py", ["--warmup", "20000"]),
 ])
-def test_bad_input_listed_in_the_review(script, args, capsys):
-    assert_bad_input(script, args, capsys)
+def test_bad_input_listed_in_the_review(script, args, tmp_path, capsys):
+    assert_bad_input(script, args, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("script", [s + ".py" for s in SCRIPTS])
@@ -1539,8 +1541,8 @@ def test_sign_check_needs_the_majority_on_every_graph():
 # ---------------------------------------------------------------------------------------------- scripts
 @pytest.mark.parametrize("flags", [["--seeds", "0,0"], ["--seeds", "a"], ["--seeds", "-1"], ["--seeds", ""],
                                    ["--seeds", "0,,1"], ["--majority", "0"], ["--majority", "1.5"]])
-def test_bad_seed_flags_exit_2_with_one_line(flags, capsys):
-    assert_bad_input("tiny_graphs.py", flags, capsys)
+def test_bad_seed_flags_exit_2_with_one_line(flags, tmp_path, capsys):
+    assert_bad_input("tiny_graphs.py", flags, tmp_path, capsys)
 
 
 def test_tiny_graphs_quick_end_to_end(tmp_path):
@@ -1633,8 +1635,8 @@ def test_every_script_has_a_valid_small_preset(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_quick_and_small_together_is_bad_input(script, capsys):
-    assert_bad_input(script + ".py", ["--quick", "--small"], capsys)
+def test_quick_and_small_together_is_bad_input(script, tmp_path, capsys):
+    assert_bad_input(script + ".py", ["--quick", "--small"], tmp_path, capsys)
 
 
 def test_small_command_names_the_claim():
