@@ -1080,6 +1080,7 @@ PAPER_SCALE = [  # (script, extra flags, vocabulary, logit rows per training exa
     ("star_in_weights.py", ["--hardest-token", "--model", "mamba"], 20_008, 1),
     ("star_in_weights.py", ["--hardest-token", "--model", "mamba", "--mamba-block", "release"], 20_008, 1),
     ("star_in_weights.py", ["--hardest-token", "--edges", "forward"], 20_008, 1),  # a failure claim: arm + control
+    ("star_in_weights.py", ["--pauses", "0"], 20_008, 5),  # Fig 35: the full path without pauses + its k = l control
     ("freeze_embeddings.py", [], 20_008, 1),
     ("tree_star.py", [], 15_009, 5),  # T(1000,2,5), both splits
     ("star_in_context.py", [], 108, 5),  # 200k training graphs, 20k held out
