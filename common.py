@@ -699,11 +699,12 @@ def gpu_path(device) -> bool:
 
 def make_optimizer(model: nn.Module, tc: TrainConfig, device) -> torch.optim.AdamW:
     """AdamW with three named groups: "body_decay" (matrices), "body_no_decay" (biases, norms and
-    `_no_weight_decay` parameters) and "embedding" (the token embedding, with the head tied to it):
-    its LR is tc.embed_lr_mult x the schedule, its decay tc.weight_decay iff tc.decay_embeddings.
+    `_no_weight_decay` parameters) and "embedding" (the token embedding and the output head, one tensor
+    when tied; an untied head stays in this group so that untying changes only the tying): its LR is
+    tc.embed_lr_mult x the schedule, its decay tc.weight_decay iff tc.decay_embeddings.
     Every group carries its "lr_mult"; frozen parameters are left out; every trainable parameter
     lands in exactly one group (asserted)."""
-    emb = {id(model.wte.weight)} if hasattr(model, "wte") else set()  # learned positions stay in the body
+    emb = {id(getattr(model, name).weight) for name in ("wte", "lm_head") if hasattr(model, name)}  # positions: body
     groups = {"body_decay": [], "body_no_decay": [], "embedding": []}
     seen = set()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1369,6 +1370,32 @@ def path_task_evaluator(model, g: Graph, train_set: TokenSet, test_set: TokenSet
         out.update(edge_metrics(model, g, direction, device=device))
         return out
     return evaluate
+
+
+@torch.no_grad()
+def path_error_kinds(model, g: Graph, ts: TokenSet, paths: np.ndarray) -> dict:
+    """Where the wrong tokens of a path set go, teacher-forced (the true prefix fed), per answer position.
+    `paths` (n, l) are the sets' root-to-leaf paths, row for row. A wrong token is an `echo` of the node
+    just fed, another node of its `own_path` (a step skipped or taken back), a `wrong_branch` (another
+    neighbour of the node fed, off the path: another arm's a1 at the root, a sibling leaf in a tree),
+    `elsewhere` in the graph, or `not_a_node`. A memory that knows the arm but not the step errs on the
+    path; one that cannot tell neighbours apart errs at branches."""
+    pred, _ = teacher_forced(model, ts)  # (n, A)
+    labels, fed = ts.labels, ts.inputs[:, ts.loss_pos]  # (n, A) each: the target and the token fed before it
+    paths = torch.as_tensor(paths, device=pred.device)
+    N = g.num_nodes
+    directed = torch.as_tensor(np.concatenate([g.edges, g.edges[:, ::-1]]), device=pred.device)  # (2E, 2)
+    edge_codes = directed[:, 0] * N + directed[:, 1]  # (2E,) u*N+v < N^2: int64 holds N up to 3e9
+    wrong = pred != labels
+    echo = wrong & (pred == fed) & (pred < N)  # a special token fed and emitted counts as not a node
+    own_path = wrong & ~echo & (paths[:, None, :] == pred[:, :, None]).any(-1)  # (n, A)
+    is_node = (pred < N) & (fed < N)
+    branch = wrong & ~echo & ~own_path & is_node & torch.isin(fed * N + pred, edge_codes)
+    not_node = wrong & (pred >= N)
+    per_position = lambda mask: mask.sum(0).tolist()  # noqa: E731
+    return {"wrong": per_position(wrong), "echo": per_position(echo), "own_path": per_position(own_path),
+            "wrong_branch": per_position(branch), "elsewhere": per_position(wrong & ~echo & ~own_path & ~branch & ~not_node),
+            "not_a_node": per_position(not_node)}
 
 
 def training_speed(model: nn.Module, sets: list[TokenSet], batch_size: int, steps: int, seconds: float) -> dict:

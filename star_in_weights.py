@@ -91,6 +91,8 @@ class Config:
     mamba_block: str = C.arg("kit", "Mamba layers: kit = x + Mamba(LN(x)), final LN, mamba-ssm's init; release = the "
                              "authors' Mamba(LN(x)) without residual or final norm, every Linear N(0, 0.02), dt bias 0 "
                              "(the only one that generalized at CPU scale, README row 4)", ["kit", "release"])
+    tied: bool = C.arg(True, "tie the output head to the token embedding, as the paper (--no-tied: an untied head, "
+                       "in the embedding's optimizer group)")
     freeze_embeddings: bool = C.arg(False, "freeze the (tied) token embeddings (App. E.1), redrawn N(0, --frozen-embed-std)")
     frozen_embed_std: float = C.arg(0.2, "std of frozen token embeddings (as freeze_embeddings.py; at the GPT init "
                                     "0.02 the tied logits are too flat to store even the edges)")
@@ -138,6 +140,8 @@ def validate(cfg: Config) -> str | None:
         return f"--train-ratio {cfg.train_ratio} leaves no training or no held-out leaf at degree {cfg.degree}"
     if cfg.mamba_block != "kit" and cfg.model != "mamba":
         return f"--mamba-block {cfg.mamba_block} needs --model mamba"
+    if cfg.freeze_embeddings and not cfg.tied:
+        return "--freeze-embeddings freezes the tied embedding (App. E.1); it does not combine with --no-tied"
     if cfg.hardest_token and cfg.reverse_path:
         return "--hardest-token and --reverse-path exclude each other (the reverse path's first token is the leaf itself)"
     if cfg.model == "gpt" and (cfg.heads < 1 or cfg.width % cfg.heads):
@@ -348,7 +352,7 @@ def build(cfg: Config, device: str):
     extra = (dict(positions=cfg.positions) if cfg.model == "gpt" else {} if cfg.mamba_block == "kit"
              else dict(init="release", residual=False, final_norm=False))
     model = C.build_model(cfg.model, C.vocab_size(g.num_nodes), cfg.layers, cfg.width, cfg.heads, device,
-                          freeze_embeddings=cfg.freeze_embeddings, **extra)
+                          freeze_embeddings=cfg.freeze_embeddings, tied=cfg.tied, **extra)
     if cfg.freeze_embeddings:
         C.redraw_frozen_embeddings(model, cfg.frozen_embed_std, cfg.seed)
     return g, sets, model
@@ -401,7 +405,7 @@ def small_command(cfg: Config) -> str:
                              (f"--edges {cfg.edges}", cfg.edges != "both"), (f"--model {cfg.model}", cfg.model != "gpt"),
                              (f"--mamba-block {cfg.mamba_block}", cfg.mamba_block != "kit"),
                              (f"--recipe {cfg.recipe}", cfg.recipe != "mixed"), (f"--pauses {cfg.pauses}", cfg.pauses != -1),
-                             ("--freeze-embeddings", cfg.freeze_embeddings)) if on]
+                             ("--freeze-embeddings", cfg.freeze_embeddings), ("--no-tied", not cfg.tied)) if on]
     return " ".join([CPU_COMMAND] + flags) + "  (~1-3 min; Mamba ~8 min)"
 
 
@@ -429,6 +433,8 @@ def run(cfg: Config) -> dict:
     final, history, speed = train_arm(cfg, g, sets, model, device)
     geo = geometry(model, g, cfg.geometry_paths, cfg.seed)
     final.update({f"geometry_{k}": v for k, v in geo.items() if isinstance(v, float)})
+    final["test_tf_errors"] = errors = C.path_error_kinds(model, g, test_set, g.test_paths)
+    print(f"[{SCRIPT}] held-out errors, teacher-forced: " + ", ".join(f"{k} {sum(v)} {v}" for k, v in errors.items()))
     extra, ccfg, control_name = {}, control_of(cfg), ""
     if ccfg is not None:  # judged against its control, trained on the same budget
         control_name = (f"{pause_count(ccfg)} pauses" if compares_pauses(cfg)

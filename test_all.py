@@ -502,7 +502,8 @@ def test_star_in_weights_edge_direction_claims(edges, reverse, success):
 
 @pytest.mark.parametrize("args", [["--degree", "1"], ["--path-length", "1"], ["--train-ratio", "1.2"],
                                   ["--width", "65", "--heads", "4"], ["--pauses", "80"], ["--model", "rnn"],
-                                  ["--hardest-token", "--reverse-path"], ["--steps", "ten"]])
+                                  ["--hardest-token", "--reverse-path"], ["--steps", "ten"],
+                                  ["--no-tied", "--freeze-embeddings"]])
 def test_star_in_weights_bad_input(args, tmp_path, capsys):
     assert_bad_input("star_in_weights.py", args, tmp_path, capsys)
 
@@ -932,6 +933,53 @@ def test_pause_ablation_trains_its_control(tmp_path):
         np.mean([h["test_exact"] for h in res["control_history"][1:]]))
     assert set(res["verdict"]) >= {"mean_test_exact_0_pauses", "mean_test_exact_5_pauses"}
     assert (tmp_path / "accuracy.png").exists() and "control" in res["speed"]
+
+
+def _stub_answers(paths: np.ndarray, chosen: np.ndarray, vocab: int) -> torch.nn.Module:
+    class Stub(torch.nn.Module):  # logits: one-hot on the chosen answers of the prompt's path (found by its leaf)
+        def forward(self, idx, pos):
+            rows = [int(np.flatnonzero(paths[:, -1] == int(leaf))[0]) for leaf in idx[:, 1]]
+            return torch.nn.functional.one_hot(torch.as_tensor(chosen[rows]), vocab).float()
+    return Stub()
+
+
+def test_untied_head_shares_the_embedding_group():
+    """--no-tied changes only the tying: the separate head gets the embedding's LR multiplier and decay."""
+    import star_in_weights as S
+    cfg = C.cli(S.Config, "", S.QUICK, S.validate, argv=["--quick", "--no-tied", "--device", "cpu"])
+    _, sets, model = S.build(cfg, "cpu")
+    assert model.lm_head.weight is not model.wte.weight
+    tc = S.train_config(dataclasses.replace(cfg, embed_lr_mult=7.0), 10, 1e-3)
+    groups = {gr["name"]: gr for gr in C.make_optimizer(model, tc, "cpu").param_groups}
+    emb_ids = {id(p) for p in groups["embedding"]["params"]}
+    assert emb_ids == {id(model.wte.weight), id(model.lm_head.weight)} and groups["embedding"]["lr_mult"] == 7.0
+    assert "--no-tied" in S.small_command(cfg)
+
+
+def test_path_error_kinds_sorts_wrong_tokens_by_where_they_land():
+    """The held-out error breakdown on a stub whose teacher-forced answers are chosen: an echo of the node
+    fed, a step skipped and one taken back on the path, another arm's a1 at the root, a node elsewhere,
+    a special token; and in a tree the sibling leaf."""
+    g = C.path_star(8, 5, seed=0)
+    _, _, test = C.in_weights_path_sets(g, pauses=2, target="full")
+    paths, other = g.test_paths, g.train_paths[0]
+    assert len(paths) == 2
+    chosen = paths.copy()  # (2, 5) root a1 a2 a3 leaf
+    chosen[1] = [paths[1, 0], other[1], paths[1, 1], paths[1, 4], paths[1, 1]]  # wrong a1; a1 echoed; leaf early; back
+    chosen[0, 3] = other[2]
+    kinds = C.path_error_kinds(_stub_answers(paths, chosen, C.vocab_size(g.num_nodes)), g, test, paths)
+    assert kinds == {"wrong": [0, 1, 1, 2, 1], "echo": [0, 0, 1, 0, 0], "own_path": [0, 0, 0, 1, 1],
+                     "wrong_branch": [0, 1, 0, 0, 0], "elsewhere": [0, 0, 0, 1, 0], "not_a_node": [0] * 5}
+    chosen[0, 0] = C.special("[PAUSE]", g.num_nodes)  # the token fed there: not a node, not an echo
+    kinds = C.path_error_kinds(_stub_answers(paths, chosen, C.vocab_size(g.num_nodes)), g, test, paths)
+    assert kinds["not_a_node"] == [1, 0, 0, 0, 0] and kinds["echo"] == [0, 0, 1, 0, 0]
+    t = C.tree_star(2, 2, 4, seed=0)  # root, a1, a2, leaf: a2 has two leaves
+    _, _, test = C.in_weights_path_sets(t, pauses=1, target="full")
+    chosen = t.test_paths.copy()
+    sibling = [p[-1] for p in t.paths if p[-2] == chosen[0, -2] and p[-1] != chosen[0, -1]][0]
+    chosen[0, -1] = sibling
+    kinds = C.path_error_kinds(_stub_answers(t.test_paths, chosen, C.vocab_size(t.num_nodes)), t, test, t.test_paths)
+    assert kinds["wrong_branch"] == [0, 0, 0, 1] and sum(kinds["wrong"]) == 1
 
 
 def test_freeze_embeddings_verdict_learned_vs_unlearned():

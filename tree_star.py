@@ -29,9 +29,9 @@ Settings (the paper gives no tree sizes or accuracies; v1 says k = 2)
   - CPU scale, `--small` (T(16,2,5): 241 nodes, 128 leaves; 4x128, embedding LR x10, 800 steps per
     split; seeds 0, 1, 2): NOT reproduced. Split at leaf: held-out first token 0.88-0.94 (chance 1/16)
     but exact match 0.00; teacher-forced, given the true root a1 a2 a3, the held-out leaf is emitted in
-    none of the paths: the leaf in the prompt is not copied, another leaf (the training sibling in the
-    old T(32,2,5) run) wins. Split at first token: first token 0/32, exact 0.00. The old 1x recipe with
-    4,000 steps on T(32,2,5) ended the same way (README row 9 has the diagnosis).
+    none of the paths: the leaf in the prompt is not copied, its sibling wins (68 of the 96 wrong leaves
+    over the seeds; `test_tf_errors`). Split at first token: first token 0/32, exact 0.00. The old 1x
+    recipe with 4,000 steps on T(32,2,5) ended the same way (README row 9 has the diagnosis).
 """
 from __future__ import annotations
 
@@ -163,6 +163,8 @@ def train_split(cfg: Config, split: str, device: str) -> tuple[dict, list]:
                  chance_first_token=1 / cfg.degree, chance_exact=1 / n_leaves,
                  best_test_exact=max(h["test_exact"] for h in history),
                  **C.training_speed(model, [edges, train_set], cfg.batch_size, cfg.steps, history[-1]["train_seconds"]))
+    final["test_tf_errors"] = errors = C.path_error_kinds(model, g, test_set, g.test_paths)
+    print(f"[{split}] held-out errors, teacher-forced: " + ", ".join(f"{k} {sum(v)} {v}" for k, v in errors.items()))
     for h in history:
         h["split"] = split
     return final, history
