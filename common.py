@@ -1378,8 +1378,9 @@ def path_error_kinds(model, g: Graph, ts: TokenSet, paths: np.ndarray) -> dict:
     `paths` (n, l) are the sets' root-to-leaf paths, row for row. A wrong token is an `echo` of the node
     just fed, another node of its `own_path` (a step skipped or taken back), a `wrong_branch` (another
     neighbour of the node fed, off the path: another arm's a1 at the root, a sibling leaf in a tree),
-    `elsewhere` in the graph, or `not_a_node`. A memory that knows the arm but not the step errs on the
-    path; one that cannot tell neighbours apart errs at branches."""
+    `elsewhere` in the graph (also another arm's a1 with the hardest token, whose prompt has no root), or
+    `not_a_node`. A memory that knows the arm but not the step errs on the path; one that cannot tell
+    neighbours apart errs at branches."""
     pred, _ = teacher_forced(model, ts)  # (n, A)
     labels, fed = ts.labels, ts.inputs[:, ts.loss_pos]  # (n, A) each: the target and the token fed before it
     paths = torch.as_tensor(paths, device=pred.device)
