@@ -415,46 +415,40 @@ def count_params(model: nn.Module) -> dict:
     return {"total": total, "non_embedding": total - emb}
 
 
-# --- Mamba: pure-PyTorch selective scan (a sequential loop with a hand-written backward) ---
-class _LinearRecurrence(torch.autograd.Function):
-    """h_t = a_t * h_{t-1} + x_t along dim 2 (h_{-1} = 0); a, x: (B, ED, L, N).
+# --- Mamba: pure-PyTorch selective scan (a loop over time with a hand-written backward) ---
+class _SelectiveScan(torch.autograd.Function):
+    """y_t = C_t . h_t, h_t = exp(delta_t A) * h_{t-1} + delta_t u_t B_t (h_{-1} = 0), time-major:
+    u, delta: (L, B, ED); A: (ED, N); B, C: (L, B, N) -> y: (L, B, ED).
 
-    A hand-written backward keeps only (a, h) alive instead of L autograd nodes."""
-
-    @staticmethod
-    def forward(ctx, a, x):
-        h = torch.empty_like(x)  # (B, ED, L, N)
-        prev = torch.zeros_like(x[:, :, 0])  # (B, ED, N)
-        for t in range(x.shape[2]):
-            prev = a[:, :, t] * prev + x[:, :, t]
-            h[:, :, t] = prev
-        ctx.save_for_backward(a, h)
-        return h
+    One function for the whole scan: only the states h (L, B, ED, N) are kept for the backward, and
+    only the two recurrences loop over time (one fused multiply-add a step); every other product is
+    one batched operation over all L. On a CPU 2.5x faster than composing the scan from autograd ops,
+    with half the memory (README, "Speed")."""
 
     @staticmethod
-    def backward(ctx, grad_h):
-        a, h = ctx.saved_tensors
-        L = h.shape[2]
-        g = torch.empty_like(h)  # g_t = dLoss/dh_t including the future: (B, ED, L, N)
-        acc = grad_h[:, :, L - 1]
-        g[:, :, L - 1] = acc
-        for t in range(L - 2, -1, -1):
-            acc = grad_h[:, :, t] + a[:, :, t + 1] * acc
-            g[:, :, t] = acc
-        grad_a = None
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.zeros_like(a)  # h_{-1} = 0, so grad_a_0 = 0
-            grad_a[:, :, 1:] = g[:, :, 1:] * h[:, :, :-1]
-        return grad_a, g
+    def forward(ctx, u, delta, A, B, C):
+        decay = torch.exp(delta.unsqueeze(-1) * A)  # (L, B, ED, N)
+        h = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # the input terms, overwritten by the states: (L, B, ED, N)
+        for t in range(1, len(u)):
+            h[t].addcmul_(decay[t], h[t - 1])
+        ctx.save_for_backward(u, delta, A, B, C, h)
+        return (h @ C.unsqueeze(-1)).squeeze(-1)  # (L, B, ED)
 
-
-def linear_recurrence_reference(a, x):
-    """Naive autograd loop with the same semantics as _LinearRecurrence (for tests)."""
-    h, hs = torch.zeros_like(x[:, :, 0]), []
-    for t in range(x.shape[2]):
-        h = a[:, :, t] * h + x[:, :, t]
-        hs.append(h)
-    return torch.stack(hs, dim=2)  # (B, ED, L, N)
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, delta, A, B, C, h = ctx.saved_tensors
+        decay = torch.exp(delta.unsqueeze(-1) * A)  # rebuilt, not kept: (L, B, ED, N)
+        dh = grad_y.unsqueeze(-1) * C.unsqueeze(2)  # dLoss/dh_t through y_t: (L, B, ED, N) ...
+        for t in range(len(u) - 2, -1, -1):
+            dh[t].addcmul_(decay[t + 1], dh[t + 1])  # ... and through h_{t+1}
+        grad_C = (grad_y.unsqueeze(2) @ h).squeeze(2)  # (L, B, N)
+        grad_in = (dh @ B.unsqueeze(-1)).squeeze(-1)  # dLoss/d(delta_t u_t): (L, B, ED)
+        grad_B = ((delta * u).unsqueeze(2) @ dh).squeeze(2)  # (L, B, N)
+        grad_u, grad_delta = grad_in * delta, grad_in * u
+        dz = dh[1:] * h[:-1] * decay[1:]  # dLoss/d(delta_t A), t >= 1 (h_{-1} = 0): (L-1, B, ED, N)
+        grad_delta[1:] += torch.einsum("lbdn,dn->lbd", dz, A)
+        grad_A = torch.einsum("lbdn,lbd->dn", dz, delta[1:])
+        return grad_u, grad_delta, grad_A, grad_B, grad_C
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -463,22 +457,29 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z: (B, ED, L); A: (ED, N); B, C: (B, N, L); D, delta_bias: (ED,)."""
     out_dtype = u.dtype
     ct = torch.promote_types(u.dtype, torch.float32)  # fp32 at least; keeps fp64 for tests
-    # Autocast would push the einsums back to bf16; the recurrence needs fp32.
+    # Autocast would push the products back to bf16; the recurrence needs fp32.
     with torch.autocast(device_type=u.device.type, enabled=False):
         u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
         if delta_bias is not None:
             delta = delta + delta_bias.to(ct)[:, None]
         if delta_softplus:
             delta = F.softplus(delta)
-        deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))  # (B, ED, L, N)
-        deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)  # Euler step for B
-        h = _LinearRecurrence.apply(deltaA, deltaB_u)  # (B, ED, L, N)
-        y = torch.einsum("bdln,bnl->bdl", h, C)  # (B, ED, L)
+        time_major = [t.permute(2, 0, 1).contiguous() for t in (u, delta, B, C)]  # (L, B, ED) / (L, B, N)
+        y = _SelectiveScan.apply(time_major[0], time_major[1], A, *time_major[2:]).permute(1, 2, 0)  # (B, ED, L)
         if D is not None:
             y = y + u * D.to(ct)[:, None]
         if z is not None:
             y = y * F.silu(z.to(ct))
     return y.to(out_dtype)
+
+
+def causal_depthwise_conv(x, weight, bias=None):
+    """= nn.Conv1d(groups=channels, padding=K-1)(x)[..., :L], as K shifted products: on a CPU the
+    library's depthwise backward was ~15% of a Mamba step. x: (B, ED, L); weight: (ED, 1, K)."""
+    K, L = weight.shape[-1], x.shape[-1]
+    padded = F.pad(x, (K - 1, 0))  # (B, ED, L + K - 1)
+    out = sum(weight[:, 0, k, None] * padded[..., k:k + L] for k in range(K))  # (B, ED, L)
+    return out if bias is None else out + bias[:, None]
 
 
 class MambaBlock(nn.Module):
@@ -492,6 +493,7 @@ class MambaBlock(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **fk)
+        # holds the conv's weights (mamba_ssm's names and init); applied by causal_depthwise_conv
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
                                 padding=d_conv - 1, bias=conv_bias, **fk)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **fk)
@@ -516,10 +518,9 @@ class MambaBlock(nn.Module):
         self.D._no_weight_decay = True
 
     def forward(self, hidden):
-        L = hidden.shape[1]
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2*ED, L)
         x, z = xz.chunk(2, dim=1)  # (B, ED, L) each
-        x = F.silu(self.conv1d(x)[..., :L])  # crop right padding -> causal conv
+        x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # (B, ED, L); the bias goes in the scan. Contiguous, so that its gradient's layout does not depend on

@@ -310,16 +310,17 @@ def test_batch_shares_and_sampler_epochs():
 
 
 # ------------------------------------------------------------------------------------- Mamba
-def test_linear_recurrence_gradcheck():
+def test_selective_scan_function_gradcheck():
+    """The scan's hand-written backward against finite differences (fp64, time-major inputs)."""
     g = torch.Generator().manual_seed(0)
-    a = torch.rand(2, 3, 5, 4, dtype=torch.float64, generator=g).requires_grad_()
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=g).requires_grad_()
-    assert torch.autograd.gradcheck(C._LinearRecurrence.apply, (a, x))
-    h, h_ref = C._LinearRecurrence.apply(a, x), C.linear_recurrence_reference(a, x)
-    w = torch.randn_like(h)
-    for got, ref in zip(torch.autograd.grad((h * w).sum(), (a, x)), torch.autograd.grad((h_ref * w).sum(), (a, x))):
-        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(h, h_ref)
+    L, b, ed, n = 4, 3, 2, 3
+    u, B, C_ = (torch.randn(L, b, k, dtype=torch.float64, generator=g) for k in (ed, n, n))
+    delta = torch.rand(L, b, ed, dtype=torch.float64, generator=g)
+    A = -torch.rand(ed, n, dtype=torch.float64, generator=g) - 0.5
+    args = [t.requires_grad_() for t in (u, delta, A, B, C_)]
+    assert torch.autograd.gradcheck(C._SelectiveScan.apply, args)
+    one_step = [t[:1].detach().requires_grad_() if t.dim() == 3 else t for t in args]  # L = 1: no decay term
+    assert torch.autograd.gradcheck(C._SelectiveScan.apply, one_step)
 
 
 def naive_selective_scan(u, delta, A, B, C_, D, z, delta_bias):
@@ -347,6 +348,14 @@ def test_selective_scan_matches_naive_loop():
     w = torch.randn_like(y)
     for got, ref in zip(torch.autograd.grad((y * w).sum(), args), torch.autograd.grad((y_ref * w).sum(), args)):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_causal_depthwise_conv_is_the_cropped_conv1d():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3, dtype=torch.float64)
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    torch.testing.assert_close(C.causal_depthwise_conv(x, conv.weight, conv.bias), conv(x)[..., :5])
+    torch.testing.assert_close(C.causal_depthwise_conv(x[..., :1], conv.weight), conv(x[..., :1])[..., :1] - conv.bias[:, None])
 
 
 def test_mamba_block_causal_init_and_backward():
