@@ -19,6 +19,8 @@ Commands
     python star_in_weights.py --quick                            # CPU smoke test, < 1 minute
     OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token          # the headline on a CPU, ~1 min
     OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token --edges forward   # Fig 33 on a CPU, ~2.5 min
+    OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token --model mamba --mamba-block release --steps 3000
+                                                  # Fig 14 on a CPU with the authors' block, ~10 min (README row 4)
 --small is G(100,5) with the recipe study's 4x128 proxy (LR 1e-3, embedding x10, 1,000 steps); it
 combines with every claim flag above. Measured (2-core CPU, one thread): README claims table, with
 seeds. The paper-scale GPU runs are not yet measured.
@@ -39,7 +41,7 @@ Settings that differ from the paper (v1 Table 1), and why
   - pauses default to k = l (5 / 6 / 10 for l = 5 / 6 / 10, the paper's Table 2; release: 1).
   - Mamba keeps residual connections and, by default, mamba-ssm's init (the release had neither);
     `--mamba-block release` is the release's: no residual, no final norm, every mixer Linear re-drawn
-    N(0, 0.02) with zero biases (dt = 0.69 at start); at CPU scale only it generalizes at all (README row 4).
+    N(0, 0.02) with zero biases (dt = 0.69 at start); at CPU scale only it generalizes (README row 4).
 """
 from __future__ import annotations
 
