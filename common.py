@@ -422,7 +422,7 @@ class _SelectiveScan(torch.autograd.Function):
 
     One function for the whole scan: only the states h (L, B, ED, N) are kept for the backward, and
     only the two recurrences loop over time (one fused multiply-add a step); every other product is
-    one batched operation over all L. On a CPU 2.5x faster than composing the scan from autograd ops,
+    one batched operation over all L. On a CPU ~2.1x faster than composing the scan from autograd ops,
     with half the memory (README, "Speed")."""
 
     @staticmethod
