@@ -1122,7 +1122,7 @@ GB = 2 ** 30
 def baseline_rss() -> int:
     """Peak resident bytes of a child process that only imports the kit (torch, numpy, matplotlib,
     common), runs one backward pass and saves one figure: measured, not assumed, because it depends on
-    the torch build (CPU build 2.13: 0.26 GB; CUDA build 2.11 on a CPU: 0.52 GB)."""
+    the torch build (CPU build 2.13: 0.32 GB; CUDA builds on a CPU: 2.2 0.43 GB, 2.11 0.63 GB)."""
     code = ("import resource, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt, torch, common\n"
             "torch.nn.Linear(16, 16)(torch.randn(4, 16)).sum().backward(); plt.figure().savefig(%r)\n"
             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
