@@ -1752,8 +1752,9 @@ REPRODUCE = [
     # 0.00), and a held-out first-hop subtree gets first tokens at chance (T(16,2,5), 800 steps per split).
     ("tree_star_not_at_cpu_scale", "tree_star.py", [], False, "split at leaf below its bar"),
     # Not over seeds 0,1,2: the NN path-star run of seed 1 has a geometric level that hardly moves (the speed
-    # check). The Transformer's grid margin of seed 0 sits at zero and takes its sign from the float order:
-    # -0.01 under torch 2.13 (with seed 1's -0.46 that check fails too), +0.07 under 2.11 (it passes).
+    # check). The Transformer's grid margin of seed 0 sits at zero and takes its sign from the float order
+    # (CPU and torch version): -0.01 on one machine (with seed 1's -0.46 that check fails too), +0.07 on
+    # another (it passes), both torch 2.13.
     ("tiny_graphs_not_over_seeds", "tiny_graphs.py", [], False, "associative_fast_le_3_steps_geometric_ge_10"),
     # Not at CPU scale: the path stage forgets the edges (top-k 1.0 -> 0.26-0.36) and the held-out first hop
     # peaks at 0 / 0 / 3 of 25 (seeds 0-2), where the paper's Fig 36 shows a high momentary peak.
