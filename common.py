@@ -852,6 +852,33 @@ def time_steps(fwd: nn.Module, model: nn.Module, opt, sampler: Sampler, tc: Trai
     return time.time() - t0, fwd
 
 
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")  # host-side launches
+
+
+def profile_steps(fwd: nn.Module, model: nn.Module, opt, sampler: Sampler, tc: TrainConfig, device, n: int,
+                  path: str) -> tuple[dict, nn.Module]:
+    """torch.profiler over n training steps (run after a warm-up): writes the operator table (most
+    self device time first on a GPU, self CPU time on a CPU) to `path` and returns per-step counts
+    that say whether launches or arithmetic set the step's time, and the module to go on with."""
+    cuda = torch.device(device).type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        seconds, fwd = time_steps(fwd, model, opt, sampler, tc, device, n)
+    events = prof.key_averages()
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"  # < 2.4
+    with open(path, "w") as f:
+        f.write(events.table(sort_by=busy if cuda else "self_cpu_time_total", row_limit=40))
+    per_step = lambda x: round(x / n, 2)  # noqa: E731
+    summary = {"profiled_steps": n, "ms_per_step": per_step(seconds * 1e3), "table": os.path.basename(path)}
+    if cuda:  # busy << ms_per_step: the host's launches, not the GPU, set the step's time
+        summary.update(device_kernels_per_step=per_step(sum(e.count for e in on_device)),
+                       device_busy_ms_per_step=per_step(sum(getattr(e, busy) for e in on_device) / 1e3),
+                       kernel_launch_calls_per_step=per_step(sum(e.count for e in events if e.key in LAUNCH_CALLS)),
+                       graph_launches_per_step=per_step(sum(e.count for e in events if e.key == "cudaGraphLaunch")))
+    return summary, fwd
+
+
 def cpu_time_check(script: str, model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, cpu_command: str,
                    budget_s: float = 900.0, timed_steps: int = 2) -> float | None:
     """On a CPU, time a few training steps of a throwaway copy of the model (the run itself is not

@@ -1,10 +1,8 @@
-"""One prepared GPU session (issue 10): every GPU default run on CUDA, the headline timed from a cold
-start, the training step's throughput, all inside one call of the device tool (~9.5 minutes).
+"""Prepared GPU sessions (issue 10): each stage is one call of the device tool (~9.5 minutes) that
+runs its phases, each stopped at its cap and all of them at --budget seconds from the start. A
+session has 15 minutes of device time, the machine's start included: one call, no rerun.
 
-Phases, in order, each stopped at its cap and all of them at --budget seconds from the start. A
-session has 15 minutes of device time, the machine's start included, so there is one call and no
-rerun: the order puts the headline (the acceptance run) before the crash checks, and the bench,
-whose compiles find the smoke runs' cache warm, gets what is left.
+Stage 1 (run on 2026-12-04 on one H200; results/gpu_check/, README rows 1-9 and "Speed"):
   env        nvidia-smi, torch / CUDA versions
   headline   star_in_weights.py --degree 5000 --hardest-token, as the README gives it, alone on the GPU,
              with an empty compile cache (its wall time includes start-up and compilation)
@@ -12,18 +10,26 @@ whose compiles find the smoke runs' cache warm, gets what is left.
              (pytest test_all.py -k "cuda or mamba_ssm"), side by side on the one GPU (crash check)
   bench      star_in_weights.py --degree 5000 --hardest-token --bench (steps/s, examples/s, MFU, x release),
              then the same with --compile-mode reduce-overhead (CUDA graphs)
-Nothing of a run is lost at a cap: its log holds the progress lines so far.
+Stages 2-5 (what is left of issue 10: the defaults at their whole budgets, the throughput):
+  env        as above
+  profile    (stage 2) the CUDA-graph bench with --profile: torch.profiler's table and, per step, kernels,
+             launches, graph launches and GPU busy time against wall time
+  full       a few defaults at their whole budgets, side by side, with --compile-mode reduce-overhead
+             (speed only; the Mamba without), the failure claims first: see STAGES and FULL below
+Nothing of a run is lost at a cap: its log holds the progress lines so far. NEXT_STAGE names the first
+stage not yet run; a session that runs one moves it on.
 
 Commands (from the repository root)
-    python3 gpu_check.py --out $OUT                    # on the GPU machine (its python3 holds torch; $OUT is set)
-    python gpu_check.py --plan                         # print every command, run nothing
+    python3 gpu_check.py --out $OUT                    # on the GPU machine: the next stage (python3 holds torch there)
+    python3 gpu_check.py --out $OUT --stage 3          # another stage
+    python gpu_check.py --plan [--stage N]             # print every command, run nothing
     python gpu_check.py --cpu-rehearsal --out /tmp/gc  # the same plumbing on a CPU at --quick sizes
 Writes into --out (at most 3 files, as the device tool brings back 8): summary.md (the table; also
 printed last), summary.json, runs.tar.gz (each run's folder: results.json, figures, log.txt).
 The runs themselves work under --work (default /tmp/gpu_check).
-Afterwards, on the developer's machine: unpack runs.tar.gz, keep headline/ (results.json, figures,
-log.txt) as results/gpu_headline/, and put summary.md's measured numbers in the README's GPU rows.
-The phases fit one 600 s call (--budget 570) plus the machine's start: one device session's 15 minutes.
+Afterwards, on the developer's machine: unpack runs.tar.gz, keep each run's results.json and log.txt
+under results/gpu_check/ (stage 1: headline/ as results/gpu_headline/), and put the measured numbers
+in the README's rows. The phases fit one 600 s call (--budget 570) plus the machine's start.
 """
 from __future__ import annotations
 
@@ -68,7 +74,34 @@ SMOKE = [
     ("tiny_graphs_regularizers", "tiny_graphs.py", ["--study", "regularizers"],
      ["--steps-scale", "0.05", "--eval-points", "10"]),
 ]
-CAPS = {"env": 30, "headline": 330, "smoke": 180}  # seconds; the bench gets what is left
+CG = ["--compile-mode", "reduce-overhead"]  # CUDA graphs: 2.2x the default mode's steps/s on one H200 (speed only)
+# where the CUDA-graph step's 16 ms go (the way past 14.5x the release); one cold compile, ~100 s
+PROFILE = [("bench_profile_cuda_graphs", "star_in_weights.py", ["--hardest-token", "--bench", "--profile", *CG],
+            ["--degree", "5000"])]
+# The defaults at their whole budgets, with CUDA graphs (the Mamba's compiled scan without: not yet tried under
+# them), a few per session: ~130 s of GPU per 8,000 steps of the 12x384 at G(5000,5), 2 arms each, side by side
+FULL = {
+    2: [("forward_edges", "star_in_weights.py", ["--hardest-token", "--edges", "forward", *CG], ["--degree", "5000"]),
+        ("freeze_embeddings", "freeze_embeddings.py", CG, [])],  # the failure claims first
+    3: [("star_in_context", "star_in_context.py", CG, []), ("tree_star", "tree_star.py", CG, [])],
+    4: [("full_path", "star_in_weights.py", CG, ["--degree", "5000"]),
+        ("reverse_path", "star_in_weights.py", ["--reverse-path", *CG], ["--degree", "5000"]),
+        ("mamba", "star_in_weights.py", ["--hardest-token", "--model", "mamba"], ["--degree", "5000"])],
+    5: [("pauses0", "star_in_weights.py", ["--pauses", "0", *CG], ["--degree", "5000"]),
+        ("staged", "star_in_weights.py", ["--hardest-token", "--recipe", "staged", *CG], ["--degree", "5000"]),
+        ("full_path_d10000_l6", "star_in_weights.py", CG, ["--degree", "10000", "--path-length", "6"]),
+        ("full_path_d10000_l10", "star_in_weights.py", CG,
+         ["--degree", "10000", "--path-length", "10", "--width", "784"])],
+}
+STAGES = {1: "done 2026-12-04 (results/gpu_check/): the headline from a cold start, every default for 300 steps, "
+             "the bench",
+          2: "the CUDA-graph bench profiled; forward edges and frozen embeddings at their whole budgets",
+          3: "in-context and tree-star at their whole budgets",
+          4: "full path G(5000,5), reverse path, Mamba (kit block) at their whole budgets",
+          5: "pauses 0, staged, full path G(10^4,6) and G(10^4,10) at their whole budgets"}
+NEXT_STAGE = 2  # the first stage not yet run on a GPU: move it on when a session has run one
+CAPS = {"env": 30, "headline": 330, "smoke": 180, "profile": 130}  # seconds; the last phase gets what is left
+SIDE_BY_SIDE = ("smoke", "full")  # phases whose runs share the GPU at once; the others run alone, one by one
 RESERVE = 25  # seconds kept at the end for the summary and the archive
 PROGRESS = re.compile(r"^step\s+(\d+)/\d+ \|\s+([\d.]+)s \|.*\| test_first_token ([\d.]+)")
 
@@ -79,20 +112,23 @@ def command(spec, work: str, rehearsal: bool) -> list[str]:
     return [PY, os.path.join(HERE, script), *claim, *sizes, "--out", os.path.join(work, name)]
 
 
-def plan(work: str, rehearsal: bool) -> list[tuple[str, list[list[str]], dict]]:
-    """[(phase, [(name, argv), ...], env overrides)]; the smoke runs of a phase run side by side."""
+def plan(work: str, rehearsal: bool, stage: int = NEXT_STAGE) -> list[tuple[str, list[list[str]], dict]]:
+    """[(phase, [(name, argv), ...], env overrides)] of one stage; the runs of a SIDE_BY_SIDE phase run at once."""
     cuda_tests = [PY, "-m", "pytest", os.path.join(HERE, "test_all.py"), "-k", "cuda or mamba_ssm", "-q", "-rs"]
     env_probe = ["bash", "-c", "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm "
                  "--format=csv; nproc; " + f"'{PY}' -c \"import torch; print('torch', torch.__version__, 'cuda', "
                  "torch.version.cuda, 'available', torch.cuda.is_available())\""]
-    cold = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor_cache_headline")}  # a cold compile, as a user's
-    return [("env", [("env", env_probe)], {}),
-            ("headline", [(HEADLINE[0], command(HEADLINE, work, rehearsal))], cold),
-            # side by side, each process compiles in itself: a worker pool per process (one per core by
-            # default) would put ~15 x 16 compiler processes on 16 cores and 128 GB
-            ("smoke", [("cuda_tests", cuda_tests)] + [(s[0], command(s, work, rehearsal)) for s in SMOKE],
-             {"TORCHINDUCTOR_COMPILE_THREADS": "1"}),
-            ("bench", [(b[0], command(b, work, rehearsal)) for b in BENCH], {})]
+    runs = lambda specs: [(spec[0], command(spec, work, rehearsal)) for spec in specs]  # noqa: E731
+    # side by side, each process compiles in itself: a worker pool per process (one per core by default)
+    # would put ~15 x 16 compiler processes on 16 cores and 128 GB
+    one_thread = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    if stage == 1:
+        cold = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor_cache_headline")}  # a cold compile, as a user's
+        return [("env", [("env", env_probe)], {}), ("headline", runs([HEADLINE]), cold),
+                ("smoke", [("cuda_tests", cuda_tests)] + runs(SMOKE), one_thread), ("bench", runs(BENCH), {})]
+    profile = [("profile", runs(PROFILE), {})] if stage == 2 else []
+    few = {"TORCHINDUCTOR_COMPILE_THREADS": "2"}  # 2-4 processes on the machine's 8 cores
+    return [("env", [("env", env_probe)], {}), *profile, ("full", runs(FULL[stage]), few)]
 
 
 def gpu_memory_gb() -> float:
@@ -174,8 +210,10 @@ def table(runs: list[dict]) -> str:
                         f"included: {r['seconds']} s")
     keep = ("steps_per_s", "examples_per_s", "model_tflops_per_s", "mfu", "speedup_vs_release", "warmup_seconds",
             "train_seconds", "eval_seconds", "seconds_to_95pct")
-    for timed in (r for r in runs if r["phase"] in ("bench", "headline") and r.get("speed")):  # what each recorded
+    for timed in (r for r in runs if r["phase"] in ("bench", "headline", "profile") and r.get("speed")):  # as recorded
         rows.append(f"\n{timed['name']}: " + ", ".join(f"{k} {timed['speed'][k]}" for k in keep if k in timed["speed"]))
+        if "profile" in timed["speed"]:  # per step, after the timed window: launches against GPU busy time
+            rows.append(f"{timed['name']} profiled: " + ", ".join(f"{k} {v}" for k, v in timed["speed"]["profile"].items()))
     return "\n".join(rows)
 
 
@@ -184,9 +222,12 @@ def main(argv=None) -> int:
     p.error = lambda msg: (print(f"gpu_check.py: error: {msg}", file=sys.stderr), sys.exit(2))  # one line, as the kit
     p.add_argument("--out", default="", help="folder for summary.md, summary.json and runs.tar.gz")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "gpu_check"), help="where the runs write")
+    p.add_argument("--stage", type=int, default=NEXT_STAGE, help="which session's plan: " + "; ".join(
+        f"{k}: {v}" for k, v in STAGES.items()) + f" (default {NEXT_STAGE}, the first not yet run)")
     p.add_argument("--budget", type=float, default=570.0, help="seconds for all phases together")
-    p.add_argument("--parallel", type=int, default=0, help="smoke runs at once; 0 = all of them on a GPU of >= 70 GB, "
-                   "else 6 (one fp32 step at full width and batch, measured on the CPU: GPT +2.1 GB, Mamba +11 GB)")
+    p.add_argument("--parallel", type=int, default=0, help="side-by-side runs at once; 0 = all of them on a GPU of "
+                   ">= 70 GB, else 6 (one fp32 step at full width and batch, measured on the CPU: GPT +2.1 GB, "
+                   "Mamba +11 GB)")
     p.add_argument("--only", default="", help="comma-separated run names (e.g. env,headline); default: all")
     p.add_argument("--plan", action="store_true", help="print the commands and exit")
     p.add_argument("--cpu-rehearsal", action="store_true", help="the same plumbing on a CPU: every run at --quick")
@@ -195,7 +236,9 @@ def main(argv=None) -> int:
         p.error("give --out (or --plan)")
     if args.budget <= RESERVE or args.parallel < 0:
         p.error(f"--budget must exceed {RESERVE} s and --parallel be >= 0")
-    phases = plan(args.work, args.cpu_rehearsal)
+    if args.stage not in STAGES:
+        p.error(f"--stage must be one of {', '.join(map(str, STAGES))}")
+    phases = plan(args.work, args.cpu_rehearsal, args.stage)
     if args.only:
         names = set(args.only.split(","))
         unknown = names - {n for _, runs, _ in phases for n, _ in runs}
@@ -209,7 +252,7 @@ def main(argv=None) -> int:
                 print(f"[{phase}] {name}: {' '.join(cmd)}" + (f"   (env {env})" if env else ""))
         return 0
     if args.parallel == 0:  # asked of nvidia-smi only when something will run
-        args.parallel = len(SMOKE) + 1 if gpu_memory_gb() >= 70 else 6
+        args.parallel = max(len(runs) for _, runs, _ in phases) if gpu_memory_gb() >= 70 else 6
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     os.makedirs(args.out, exist_ok=True)
@@ -222,7 +265,7 @@ def main(argv=None) -> int:
                          "last_line": ""} for n, a in runs]
             continue
         print(f"[gpu_check] {phase}: {len(runs)} run(s), cap {cap:.0f} s", flush=True)
-        parallel = args.parallel if phase == "smoke" else 1
+        parallel = args.parallel if phase in SIDE_BY_SIDE else 1
         for r in run_group(runs, env, cap, args.work, parallel):
             results.append(describe({"phase": phase, **r}, args.work) if r["status"] != "not started (cap)"
                            else {"phase": phase, **r, "last_line": ""})

@@ -489,10 +489,13 @@ def test_star_in_weights_same_seed_same_result(tmp_path):
 
 
 def test_star_in_weights_bench_and_staged(tmp_path):
-    proc, res = run_script("star_in_weights.py", "--quick", "--bench", out=tmp_path / "b")
+    proc, res = run_script("star_in_weights.py", "--quick", "--bench", "--profile", out=tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
     assert res["speed"]["steps_per_s"] > 0 and res["speed"]["examples_per_s"] > 0 and res["metrics"] == {}
     assert res["verdict"]["reproduced"] is None and "NO CLAIM" in proc.stdout  # speed is no paper claim
+    profile = res["speed"]["profile"]  # the profiled steps come after the timed ones, with their own table
+    assert profile["profiled_steps"] == 10 and profile["ms_per_step"] > 0
+    assert "aten::mm" in (tmp_path / "b" / profile["table"]).read_text()
     proc, res = run_script("star_in_weights.py", "--quick", "--recipe", "staged", "--steps", "50", "--edge-steps", "100", out=tmp_path / "s")
     assert proc.returncode == 0, proc.stderr
     assert res["history"][-1]["step"] == 100 + 50
@@ -514,7 +517,7 @@ def test_star_in_weights_edge_direction_claims(edges, reverse, success):
 @pytest.mark.parametrize("args", [["--degree", "1"], ["--path-length", "1"], ["--train-ratio", "1.2"],
                                   ["--width", "65", "--heads", "4"], ["--pauses", "80"], ["--model", "rnn"],
                                   ["--hardest-token", "--reverse-path"], ["--steps", "ten"],
-                                  ["--no-tied", "--freeze-embeddings"]])
+                                  ["--no-tied", "--freeze-embeddings"], ["--profile"]])
 def test_star_in_weights_bad_input(args, tmp_path, capsys):
     assert_bad_input("star_in_weights.py", args, tmp_path, capsys)
 
@@ -526,7 +529,7 @@ GPU_PATH_CASES = {
     "gpt_full_path": ("star_in_weights", ["--steps", "12", "--warmup", "4", "--eval-every", "6"]),
     "gpt_bench": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3"]),
     "gpt_bench_cuda_graphs": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3",
-                                                  "--compile-mode", "reduce-overhead"]),
+                                                  "--compile-mode", "reduce-overhead", "--profile"]),
     "mamba": ("star_in_weights", ["--hardest-token", "--model", "mamba", "--layers", "1", "--steps", "4",
                                   "--warmup", "2", "--eval-every", "2"]),  # one layer: dynamo unrolls the scan
     "freeze_embeddings": ("freeze_embeddings", ["--steps", "8", "--warmup", "4", "--eval-every", "4"]),
@@ -600,7 +603,8 @@ def test_gpu_check_plan_parses_as_each_script_would():
     (with --device cpu here), so no device time is lost on a typo."""
     import importlib
     import gpu_check
-    runs = [r for rehearsal in (False, True) for _, group, _ in gpu_check.plan("/tmp/x", rehearsal) for r in group]
+    runs = [r for rehearsal in (False, True) for stage in gpu_check.STAGES
+            for _, group, _ in gpu_check.plan("/tmp/x", rehearsal, stage) for r in group]
     checked = 0
     for name, argv in runs:
         if not argv[1].endswith(".py"):
@@ -610,7 +614,9 @@ def test_gpu_check_plan_parses_as_each_script_would():
         cfg = C.cli(script.Config, "", script.QUICK, script.validate, small=script.SMALL, argv=args)
         assert cfg.out.endswith(name), (name, cfg.out)
         checked += 1
-    assert checked == 2 * (len(gpu_check.SMOKE) + len(gpu_check.BENCH) + 1)
+    assert checked == 2 * (len(gpu_check.SMOKE) + len(gpu_check.BENCH) + 1 + len(gpu_check.PROFILE)
+                           + sum(map(len, gpu_check.FULL.values())))
+    assert set(gpu_check.FULL) | {1} == set(gpu_check.STAGES) and gpu_check.NEXT_STAGE in gpu_check.STAGES
     headline = next(a for n, a in runs if n == "headline")
     assert headline[2:-2] == ["--hardest-token", "--device", "cuda", "--degree", "5000"]  # the README's command
 
@@ -620,14 +626,19 @@ def test_gpu_check_rehearsal_and_caps(tmp_path):
     a run past its cap is stopped and marked, one not yet started is reported as such."""
     import gpu_check
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--cpu-rehearsal", "--only",
-                           "env,node2vec_spectral", "--out", str(out), "--work", str(work)],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--cpu-rehearsal", "--stage", "1",
+                           "--only", "env,node2vec_spectral", "--out", str(out), "--work", str(work)],
                           capture_output=True, text=True, timeout=300, cwd=HERE, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["runs.tar.gz", "summary.json", "summary.md"]
     summary = json.load(open(out / "summary.json"))
     assert [(r["name"], r["status"]) for r in summary] == [("env", "rc=0"), ("node2vec_spectral", "rc=0")]
     assert summary[1]["reproduced"] is True and "| smoke | node2vec_spectral | rc=0 |" in proc.stdout
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--cpu-rehearsal", "--stage", "2",
+                           "--only", "bench_profile_cuda_graphs", "--out", str(out), "--work", str(work)],
+                          capture_output=True, text=True, timeout=300, cwd=HERE, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # the profiled bench, and its per-step counts in the table
+    assert "| profile | bench_profile_cuda_graphs | rc=0 |" in proc.stdout and "profiled: profiled_steps 10" in proc.stdout
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     done = gpu_check.run_group([("a", sleeper), ("b", sleeper)], {}, 2.0, str(work), parallel=1)
     assert [(r["name"], r["status"]) for r in done] == [("a", "cap"), ("b", "not started (cap)")]
