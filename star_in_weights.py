@@ -339,8 +339,9 @@ def train_config(cfg: Config, steps: int, lr: float) -> C.TrainConfig:
                          stop_when=(lambda r: r["test_first_token"] >= cfg.stop_at) if cfg.stop_at > 0 else None)
 
 
-def bench(cfg, model, sets, device) -> dict:
-    """Time training steps only (the run's own step function): no evaluation inside the window."""
+def bench(cfg, model, sets, device, out: str) -> dict:
+    """Time training steps only (the run's own step function): no evaluation inside the window.
+    With --profile, profile.txt goes to `out`, the run's output folder."""
     tc = train_config(cfg, cfg.bench_steps, cfg.lr)
     opt, fwd = C.make_optimizer(model, tc, device), C.try_compile(model, cfg.compile, device, cfg.compile_mode)
     C.set_lr(opt, tc.warmup, tc)  # time at the peak LR: the schedule costs nothing anyway
@@ -349,9 +350,8 @@ def bench(cfg, model, sets, device) -> dict:
     seconds, fwd = C.time_steps(fwd, model, opt, sampler, tc, device, cfg.bench_steps)
     speed = C.training_speed(model, sets, cfg.batch_size, cfg.bench_steps, seconds)
     if cfg.profile:  # after the timed window, so that the profiler's overhead does not touch the figures above
-        os.makedirs(cfg.out, exist_ok=True)
         speed["profile"], fwd = C.profile_steps(fwd, model, opt, sampler, tc, device, 10,
-                                                os.path.join(cfg.out, "profile.txt"))
+                                                os.path.join(out, "profile.txt"))
     return {**speed, "warmup_seconds": round(warm, 2), "mfu": mfu(speed, device),
             "speedup_vs_release": speed["examples_per_s"] / RELEASE_EXAMPLES_PER_S}
 
@@ -435,7 +435,7 @@ def run(cfg: Config) -> dict:
           f"{info['train_paths']}/{info['test_paths']} train/held-out paths; {cfg.model} ({info['backend']}) "
           f"{info['params']['total']:,} params on {device}")
     if cfg.bench:  # speed is reported as speed: no paper claim is tested
-        speed = bench(cfg, model, [edges, train_set], device)
+        speed = bench(cfg, model, [edges, train_set], device, out)
         return C.write_results(out, SCRIPT, "none: throughput of the training step", cfg, device, time.time() - start,
                                {}, [], C.no_claim(f"--bench: speed only; the release's {RELEASE_EXAMPLES_PER_S:.0f} "
                                                   "examples/s (H100, G(5000,5), batch 2048) is the reference"),

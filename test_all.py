@@ -496,6 +496,9 @@ def test_star_in_weights_bench_and_staged(tmp_path):
     profile = res["speed"]["profile"]  # the profiled steps come after the timed ones, with their own table
     assert profile["profiled_steps"] == 10 and profile["ms_per_step"] > 0
     assert "aten::mm" in (tmp_path / "b" / profile["table"]).read_text()
+    proc = run_cmd(["star_in_weights.py", "--quick", "--bench", "--bench-steps", "2", "--profile"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # the default --out: the table lands beside results.json
+    assert sorted(os.listdir(tmp_path / "runs" / "star_in_weights")) == ["profile.txt", "results.json"]
     proc, res = run_script("star_in_weights.py", "--quick", "--recipe", "staged", "--steps", "50", "--edge-steps", "100", out=tmp_path / "s")
     assert proc.returncode == 0, proc.stderr
     assert res["history"][-1]["step"] == 100 + 50
