@@ -115,20 +115,21 @@ def command(spec, work: str, rehearsal: bool) -> list[str]:
 def plan(work: str, rehearsal: bool, stage: int = NEXT_STAGE) -> list[tuple[str, list[list[str]], dict]]:
     """[(phase, [(name, argv), ...], env overrides)] of one stage; the runs of a SIDE_BY_SIDE phase run at once."""
     cuda_tests = [PY, "-m", "pytest", os.path.join(HERE, "test_all.py"), "-k", "cuda or mamba_ssm", "-q", "-rs"]
-    env_probe = ["bash", "-c", "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm "
-                 "--format=csv; nproc; " + f"'{PY}' -c \"import torch; print('torch', torch.__version__, 'cuda', "
-                 "torch.version.cuda, 'available', torch.cuda.is_available())\""]
+    probe = ["bash", "-c", "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm "
+             "--format=csv; nproc; " + f"'{PY}' -c \"import torch; print('torch', torch.__version__, 'cuda', "
+             "torch.version.cuda, 'available', torch.cuda.is_available())\""]
+    env_phase = ("env", [("env", probe)], {})  # every stage starts with it
     runs = lambda specs: [(spec[0], command(spec, work, rehearsal)) for spec in specs]  # noqa: E731
-    # side by side, each process compiles in itself: a worker pool per process (one per core by default)
-    # would put ~15 x 16 compiler processes on 16 cores and 128 GB
-    one_thread = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
     if stage == 1:
         cold = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor_cache_headline")}  # a cold compile, as a user's
-        return [("env", [("env", env_probe)], {}), ("headline", runs([HEADLINE]), cold),
+        # side by side, each process compiles in itself: a worker pool per process (one per core by default)
+        # would put ~15 x 16 compiler processes on 16 cores and 128 GB
+        one_thread = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
+        return [env_phase, ("headline", runs([HEADLINE]), cold),
                 ("smoke", [("cuda_tests", cuda_tests)] + runs(SMOKE), one_thread), ("bench", runs(BENCH), {})]
     profile = [("profile", runs(PROFILE), {})] if stage == 2 else []
     few = {"TORCHINDUCTOR_COMPILE_THREADS": "2"}  # 2-4 processes on the machine's 8 cores
-    return [("env", [("env", env_probe)], {}), *profile, ("full", runs(FULL[stage]), few)]
+    return [env_phase, *profile, ("full", runs(FULL[stage]), few)]
 
 
 def gpu_memory_gb() -> float:
