@@ -1197,9 +1197,24 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_deterministic(on: bool) -> None:
+    """Ask torch for deterministic kernels (or stop asking). On a GPU, kernels that sum with atomic adds (the
+    compiled step's embedding gradient, an index_put with accumulation) add in no fixed order, so two runs of one
+    seed can part; with this on, torch.compile falls back to torch's sort-based deterministic kernels for them
+    and fixes its reduction configs instead of autotuning them.
+    warn_only: an op without a deterministic version warns instead of ending the run. cuBLAS reads its
+    workspace setting when it first starts, so this must come before the first matmul on the GPU. A CPU
+    run is deterministic either way."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
 def setup_run(cfg, script: str) -> tuple[str, str]:
-    """Seed everything, pick the device, and make the output folder (default runs/<script>/)."""
+    """Seed everything, pick the device, set deterministic kernels on or off (cfg.deterministic, where the
+    script has it), and make the output folder (default runs/<script>/)."""
     set_seed(cfg.seed)
+    use_deterministic(bool(getattr(cfg, "deterministic", False)))  # set either way: a process may run several
     device = resolve_device(cfg.device)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

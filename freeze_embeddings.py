@@ -63,6 +63,8 @@ class Config:
     compile: bool = C.arg(True, "torch.compile the path-star models on CUDA (falls back to eager)")
     compile_mode: str = C.arg("default", "torch.compile mode; reduce-overhead adds CUDA graphs (H200: 2.2x the "
                               "headline's steps/s)", list(C.COMPILE_MODES))
+    deterministic: bool = C.arg(False, "same seed, same numbers on a GPU too: torch's deterministic kernels (no atomic-add "
+                                "sums); its cost on a GPU is not yet measured (gpu_check.py stage 2)")
     # (a) associative memory on a tiny graph
     assoc_degree: int = C.arg(4, "(a) arms of the tiny path-star G(d, assoc_path_length)")
     assoc_path_length: int = C.arg(5, "(a) nodes per arm path, root included")

@@ -12,8 +12,12 @@ Stage 1 (run on 2026-12-04 on one H200; results/gpu_check/, README rows 1-9 and 
              then the same with --compile-mode reduce-overhead (CUDA graphs)
 Stages 2-5 (what is left of issue 10: the defaults at their whole budgets, the throughput):
   env        as above
-  profile    (stage 2) the CUDA-graph bench with --profile: torch.profiler's table and, per step, kernels,
-             launches, graph launches and GPU busy time against wall time
+  determinism (stage 2) the headline's configuration for 300 steps, twice with one seed in the default mode
+             and twice with --deterministic, the four side by side: are the science metrics the same (the
+             kit's standard), and what do deterministic kernels cost
+  profile    (stage 2) the bench with --profile in both compile modes, one after the other: torch.profiler's
+             table and, per step, kernels, launches, graph launches and GPU busy time against wall time
+             (the default mode's compile cache is warm from the determinism phase)
   full       a few defaults at their whole budgets, side by side, with --compile-mode reduce-overhead
              (speed only; the Mamba without), the failure claims first: see STAGES and FULL below
 Nothing of a run is lost at a cap: its log holds the progress lines so far. NEXT_STAGE names the first
@@ -74,9 +78,16 @@ SMOKE = [
     ("tiny_graphs_regularizers", "tiny_graphs.py", ["--study", "regularizers"],
      ["--steps-scale", "0.05", "--eval-points", "10"]),
 ]
+# one seed twice, without and with deterministic kernels (cold compiles side by side, as two users' runs);
+# "_a" and "_b" runs are compared in the summary
+SAME_SEED_STEPS = ["--steps", "300", "--warmup", "100", "--eval-every", "150"]
+SAME_SEED = [(f"{arm}_{rep}", "star_in_weights.py", ["--hardest-token", *flags], ["--degree", "5000", *SAME_SEED_STEPS])
+             for rep in "ab" for arm, flags in (("same_seed", []), ("deterministic", ["--deterministic"]))]
 CG = ["--compile-mode", "reduce-overhead"]  # CUDA graphs: 2.2x the default mode's steps/s on one H200 (speed only)
-# where the CUDA-graph step's 16 ms go (the way past 14.5x the release); one cold compile, ~100 s
-PROFILE = [("bench_profile_cuda_graphs", "star_in_weights.py", ["--hardest-token", "--bench", "--profile", *CG],
+# where the step's time goes: the default mode's 35-45 ms (host-bound, drifting within a run), the CUDA-graph
+# step's 16 ms (the way past 14.5x the release); the first ~30 s with a warm cache, the second ~100 s (cold)
+PROFILE = [("bench_profile", "star_in_weights.py", ["--hardest-token", "--bench", "--profile"], ["--degree", "5000"]),
+           ("bench_profile_cuda_graphs", "star_in_weights.py", ["--hardest-token", "--bench", "--profile", *CG],
             ["--degree", "5000"])]
 # The defaults at their whole budgets, with CUDA graphs (the Mamba's compiled scan without: not yet tried under
 # them), a few per session: ~130 s of GPU per 8,000 steps of the 12x384 at G(5000,5), 2 arms each, side by side
@@ -95,13 +106,14 @@ FULL = {
 }
 STAGES = {1: "done 2026-12-04 (results/gpu_check/): the headline from a cold start, every default for 300 steps, "
              "the bench",
-          2: "the CUDA-graph bench profiled; forward edges and frozen embeddings at their whole budgets",
+          2: "one seed twice, without and with --deterministic; the bench profiled in both compile modes; forward "
+             "edges and frozen embeddings at their whole budgets",
           3: "in-context and tree-star at their whole budgets",
           4: "full path G(5000,5), reverse path, Mamba (kit block) at their whole budgets",
           5: "pauses 0, staged, full path G(10^4,6) and G(10^4,10) at their whole budgets"}
 NEXT_STAGE = 2  # the first stage not yet run on a GPU: move it on when a session has run one
-CAPS = {"env": 30, "headline": 330, "smoke": 180, "profile": 130}  # seconds; the last phase gets what is left
-SIDE_BY_SIDE = ("smoke", "full")  # phases whose runs share the GPU at once; the others run alone, one by one
+CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120, "profile": 150}  # s; the last phase: what is left
+AT_ONCE = ("smoke", "full", "determinism")  # phases whose runs share the GPU; the others run alone, one by one
 RESERVE = 25  # seconds kept at the end for the summary and the archive
 PROGRESS = re.compile(r"^step\s+(\d+)/\d+ \|\s+([\d.]+)s \|.*\| test_first_token ([\d.]+)")
 
@@ -113,7 +125,7 @@ def command(spec, work: str, rehearsal: bool) -> list[str]:
 
 
 def plan(work: str, rehearsal: bool, stage: int = NEXT_STAGE) -> list[tuple[str, list[list[str]], dict]]:
-    """[(phase, [(name, argv), ...], env overrides)] of one stage; the runs of a SIDE_BY_SIDE phase run at once."""
+    """[(phase, [(name, argv), ...], env overrides)] of one stage; the runs of an AT_ONCE phase share the GPU."""
     cuda_tests = [PY, "-m", "pytest", os.path.join(HERE, "test_all.py"), "-k", "cuda or mamba_ssm", "-q", "-rs"]
     probe = ["bash", "-c", "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm "
              "--format=csv; nproc; " + f"'{PY}' -c \"import torch; print('torch', torch.__version__, 'cuda', "
@@ -127,9 +139,9 @@ def plan(work: str, rehearsal: bool, stage: int = NEXT_STAGE) -> list[tuple[str,
         one_thread = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
         return [env_phase, ("headline", runs([HEADLINE]), cold),
                 ("smoke", [("cuda_tests", cuda_tests)] + runs(SMOKE), one_thread), ("bench", runs(BENCH), {})]
-    profile = [("profile", runs(PROFILE), {})] if stage == 2 else []
     few = {"TORCHINDUCTOR_COMPILE_THREADS": "2"}  # 2-4 processes on the machine's 8 cores
-    return [env_phase, *profile, ("full", runs(FULL[stage]), few)]
+    first = [("determinism", runs(SAME_SEED), few), ("profile", runs(PROFILE), {})] if stage == 2 else []
+    return [env_phase, *first, ("full", runs(FULL[stage]), few)]
 
 
 def gpu_memory_gb() -> float:
@@ -175,6 +187,27 @@ def run_group(runs, env_extra: dict, cap: float, work: str, parallel: int) -> li
     return done
 
 
+def science(res: dict) -> dict:
+    """What two runs of one seed and flags must share: results.json less its wall-clock parts."""
+    strip = lambda d: {k: v for k, v in d.items() if "seconds" not in k}  # noqa: E731 - history records
+    return {"history": [strip(h) for h in res.get("history", [])], "metrics": res.get("metrics"),
+            "verdict_value": res.get("verdict", {}).get("value")}
+
+
+def first_difference(a: dict, b: dict) -> str:
+    """'' when two science() dicts are equal, else where they first part: the step and the metric."""
+    for ha, hb in zip(a["history"], b["history"]):
+        for k in sorted(set(ha) | set(hb)):
+            if ha.get(k) != hb.get(k):
+                return f"step {ha.get('step')}: {k} {ha.get(k)} against {hb.get(k)}"
+    if len(a["history"]) != len(b["history"]):
+        return f"{len(a['history'])} against {len(b['history'])} evaluations"
+    for key in ("metrics", "verdict_value"):
+        if a[key] != b[key]:
+            return f"the final {key} (the histories agree)"
+    return ""
+
+
 def describe(run: dict, work: str) -> dict:
     """The run's verdict, speed and last progress line, read from its folder."""
     folder = os.path.join(work, run["name"])
@@ -191,6 +224,8 @@ def describe(run: dict, work: str) -> dict:
                    run_seconds=res.get("seconds"), speed=res.get("speed"),
                    history=[{k: h.get(k) for k in ("step", "seconds", "test_first_token", "test_exact")}
                             for h in res.get("history", [])])
+        if run.get("phase") == "determinism":  # compared pairwise in the table
+            run["science"] = science(res)
     return run
 
 
@@ -209,6 +244,17 @@ def table(runs: list[dict]) -> str:
             reached = f"step {reach['step']}, {reach['seconds']:.0f} s into training" if reach else "no"
             rows.append(f"headline reached 0.95: {reached}; the process's wall time, start-up and compilation "
                         f"included: {r['seconds']} s")
+    named = {r["name"]: r for r in runs}
+    for arm in sorted({r["name"][:-2] for r in runs if r["name"].endswith("_a") and r.get("science")}):
+        a, b = named.get(f"{arm}_a"), named.get(f"{arm}_b")
+        if not (b and b.get("science")):
+            rows.append(f"\n{arm}: the second run of the seed has no results.json ({b['status'] if b else 'absent'})")
+            continue
+        diff = first_difference(a["science"], b["science"])
+        speeds = " and ".join(f"{r['speed'].get('steps_per_s')}" for r in (a, b) if r.get("speed"))
+        rows.append(f"\n{arm}: same seed twice: " + (f"DIFFER, first at {diff}" if diff else "identical science "
+                    f"({len(a['science']['history'])} evaluations, the metrics and the verdict value)")
+                    + f"; training steps/s {speeds}")
     keep = ("steps_per_s", "examples_per_s", "model_tflops_per_s", "mfu", "speedup_vs_release", "warmup_seconds",
             "train_seconds", "eval_seconds", "seconds_to_95pct")
     for timed in (r for r in runs if r["phase"] in ("bench", "headline", "profile") and r.get("speed")):  # as recorded
@@ -266,7 +312,7 @@ def main(argv=None) -> int:
                          "last_line": ""} for n, a in runs]
             continue
         print(f"[gpu_check] {phase}: {len(runs)} run(s), cap {cap:.0f} s", flush=True)
-        parallel = args.parallel if phase in SIDE_BY_SIDE else 1
+        parallel = args.parallel if phase in AT_ONCE else 1
         for r in run_group(runs, env, cap, args.work, parallel):
             results.append(describe({"phase": phase, **r}, args.work) if r["status"] != "not started (cap)"
                            else {"phase": phase, **r, "last_line": ""})

@@ -70,6 +70,8 @@ class Config:
     compile: bool = C.arg(True, "torch.compile the model on CUDA (ignored on CPU; falls back to eager)")
     compile_mode: str = C.arg("default", "torch.compile mode; reduce-overhead adds CUDA graphs (H200: 2.2x the "
                               "headline's steps/s)", list(C.COMPILE_MODES))
+    deterministic: bool = C.arg(False, "same seed, same numbers on a GPU too: torch's deterministic kernels (no atomic-add "
+                                "sums); its cost on a GPU is not yet measured (gpu_check.py stage 2)")
     # data
     mode: str = C.arg("next-token,reverse", "comma list of targets to train (one model each), or 'all': "
                       + ", ".join(MODES))

@@ -75,6 +75,8 @@ class Config:
     compile: bool = C.arg(True, "torch.compile the model on CUDA (ignored on CPU; falls back to eager)")
     compile_mode: str = C.arg("default", "torch.compile mode; reduce-overhead adds CUDA graphs (H200: 2.2x the steps/s)",
                               list(C.COMPILE_MODES))
+    deterministic: bool = C.arg(False, "same seed, same numbers on a GPU too: torch's deterministic kernels (no atomic-add "
+                                "sums); its cost on a GPU is not yet measured (gpu_check.py stage 2)")
     bench: bool = C.arg(False, "only time training steps (steps/s, examples/s, MFU); no evaluation")
     bench_steps: int = C.arg(200, "timed steps for --bench (after 30 warm-up steps)")
     profile: bool = C.arg(False, "with --bench: torch.profiler over 10 more steps; table in profile.txt, launches "

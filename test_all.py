@@ -44,6 +44,8 @@ def opt_in_suites(request):
     for name in OPT_IN:
         if request.node.get_closest_marker(name) and name not in selected:
             pytest.skip(f"{name} suite (minutes per test): run `pytest test_all.py -m {name}`")
+    yield
+    C.use_deterministic(False)  # a test that ran a script with --deterministic leaves the process as it found it
 
 
 def run_script(script, *args, out=None, timeout=600):
@@ -488,6 +490,37 @@ def test_star_in_weights_same_seed_same_result(tmp_path):
     assert runs[0]["metrics"]["train_loss"] == runs[1]["metrics"]["train_loss"]
 
 
+def test_deterministic_flag(tmp_path, monkeypatch):
+    """--deterministic turns torch's deterministic kernels on for the run and a run without it turns them off
+    (one process may run several); on a CPU both give the same science (the CPU sums in a fixed order)."""
+    import star_in_weights as S
+    seen, train = [], C.train
+    monkeypatch.setattr(C, "train", lambda *a, **k: (seen.append(torch.are_deterministic_algorithms_enabled()),
+                                                     train(*a, **k))[1])
+    strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
+    try:
+        runs = []
+        for i, flag in enumerate(["--deterministic", "--no-deterministic"]):
+            cfg = C.cli(S.Config, "", S.QUICK, S.validate,
+                        argv=["--quick", "--hardest-token", "--steps", "60", flag, "--out", str(tmp_path / str(i))])
+            runs.append(S.run(cfg))
+        assert seen == [True, False] and not torch.are_deterministic_algorithms_enabled()
+        assert runs[0]["config"]["deterministic"] and not runs[1]["config"]["deterministic"]
+        assert strip(runs[0]["history"]) == strip(runs[1]["history"]) and runs[0]["metrics"] == runs[1]["metrics"]
+    finally:
+        C.use_deterministic(False)
+
+
+@needs_cuda
+def test_deterministic_cuda_same_seed(tmp_path):
+    """On a GPU, --deterministic must give one seed the same science twice (compiled, bf16)."""
+    runs = [run_script("star_in_weights.py", "--quick", "--hardest-token", "--device", "cuda", "--deterministic",
+                       out=tmp_path / str(i)) for i in range(2)]
+    assert all(proc.returncode == 0 for proc, _ in runs), runs[0][0].stderr[-2000:]
+    import gpu_check
+    assert gpu_check.first_difference(*(gpu_check.science(res) for _, res in runs)) == ""
+
+
 def test_star_in_weights_bench_and_staged(tmp_path):
     proc, res = run_script("star_in_weights.py", "--quick", "--bench", "--profile", out=tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
@@ -530,6 +563,8 @@ def test_star_in_weights_bad_input(args, tmp_path, capsys):
 # on a lent GPU. Each case: (script module, its flags after --quick).
 GPU_PATH_CASES = {
     "gpt_full_path": ("star_in_weights", ["--steps", "12", "--warmup", "4", "--eval-every", "6"]),
+    "gpt_deterministic": ("star_in_weights", ["--hardest-token", "--deterministic", "--steps", "12", "--warmup", "4",
+                                              "--eval-every", "6"]),
     "gpt_bench": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3"]),
     "gpt_bench_cuda_graphs": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3",
                                                   "--compile-mode", "reduce-overhead", "--profile"]),
@@ -539,6 +574,9 @@ GPU_PATH_CASES = {
     "tree_star": ("tree_star", ["--steps", "8", "--warmup", "4", "--eval-every", "4"]),
     "star_in_context": ("star_in_context", ["--steps", "8", "--warmup", "4", "--eval-every", "4"]),
 }
+
+
+INDUCTOR_CASES = ("gpt_full_path", "gpt_deterministic")  # through inductor (deterministic: its fallbacks)
 
 
 def _cpu_has_fused_adamw() -> bool:
@@ -555,7 +593,7 @@ def _cpu_has_fused_adamw() -> bool:
 def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
     """Each GPU-default script's training, evaluation and outputs with C.gpu_path forced on, on the
     CPU: autocast to bf16, fused AdamW and torch.compile as on CUDA. The compiled model must really
-    be used (no fallback to eager) and every optimizer fused. One case goes through inductor's CPU
+    be used (no fallback to eager) and every optimizer fused. Two cases go through inductor's CPU
     code generation; the others stop after dynamo and AOTAutograd (backend "aot_eager": the tracing
     that a GPU shares with the CPU, where graph breaks and tracing errors come from; inductor's GPU
     code is Triton, which a CPU cannot check anyway), which keeps CI minutes down."""
@@ -565,7 +603,7 @@ def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
     script = importlib.import_module(name)
     torch._dynamo.reset()
     monkeypatch.setattr(C, "gpu_path", lambda device: True)
-    if case != "gpt_full_path":
+    if case not in INDUCTOR_CASES:
         compile_ = torch.compile
         monkeypatch.setattr(torch, "compile", lambda model, dynamic=None, mode=None: compile_(
             model, dynamic=dynamic, backend="aot_eager"))
@@ -592,7 +630,7 @@ def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
     res = json.load(open(tmp_path / "results.json"))
     assert res["device"] == "cpu" and fused and all(fused), (fused, err[-500:])
     assert compiled and all(compiled), compiled
-    if case != "gpt_full_path" or shutil.which("g++") or shutil.which("c++"):  # inductor's CPU code needs one
+    if case not in INDUCTOR_CASES or shutil.which("g++") or shutil.which("c++"):  # inductor's CPU code needs one
         assert "torch.compile failed" not in err, err[-1000:]
     precision = res.get("precision") or res.get("data", {}).get("precision")
     bf16 = [precision] if isinstance(precision, str) else [v for v in (precision or {}).values()]
@@ -618,7 +656,7 @@ def test_gpu_check_plan_parses_as_each_script_would():
         assert cfg.out.endswith(name), (name, cfg.out)
         checked += 1
     assert checked == 2 * (len(gpu_check.SMOKE) + len(gpu_check.BENCH) + 1 + len(gpu_check.PROFILE)
-                           + sum(map(len, gpu_check.FULL.values())))
+                           + len(gpu_check.SAME_SEED) + sum(map(len, gpu_check.FULL.values())))
     assert set(gpu_check.FULL) | {1} == set(gpu_check.STAGES) and gpu_check.NEXT_STAGE in gpu_check.STAGES
     headline = next(a for n, a in runs if n == "headline")
     assert headline[2:-2] == ["--hardest-token", "--device", "cuda", "--degree", "5000"]  # the README's command
@@ -642,10 +680,38 @@ def test_gpu_check_rehearsal_and_caps(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=HERE, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-2000:]  # the profiled bench, and its per-step counts in the table
     assert "| profile | bench_profile_cuda_graphs | rc=0 |" in proc.stdout and "profiled: profiled_steps 10" in proc.stdout
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--cpu-rehearsal", "--stage", "2",
+                           "--only", "same_seed_a,same_seed_b", "--out", str(out), "--work", str(work)],
+                          capture_output=True, text=True, timeout=300, cwd=HERE, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # one seed twice, compared from the two results.json
+    assert "same_seed: same seed twice: identical science" in proc.stdout, proc.stdout[-2000:]
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     done = gpu_check.run_group([("a", sleeper), ("b", sleeper)], {}, 2.0, str(work), parallel=1)
     assert [(r["name"], r["status"]) for r in done] == [("a", "cap"), ("b", "not started (cap)")]
     assert done[0]["seconds"] < 10
+
+
+def test_gpu_check_same_seed_comparison():
+    """The summary says whether one seed's two runs agree, and if not, where they first part; wall-clock
+    figures do not count."""
+    import gpu_check
+
+    def run(name, loss, seconds, value=0.5):
+        res = {"history": [{"step": 0, "seconds": 0.0, "train_loss": None},
+                           {"step": 150, "seconds": seconds, "train_loss": loss, "train_seconds": seconds}],
+               "metrics": {"test_first_token": value}, "verdict": {"value": value}}
+        return {"phase": "determinism", "name": name, "status": "rc=0", "seconds": seconds, "last_line": "",
+                "science": gpu_check.science(res), "speed": {"steps_per_s": 30.0}}
+
+    same = gpu_check.table([run("same_seed_a", 2.5, 10.0), run("same_seed_b", 2.5, 11.0)])
+    assert "same_seed: same seed twice: identical science (2 evaluations" in same
+    parted = gpu_check.table([run("same_seed_a", 2.5, 10.0), run("same_seed_b", 2.4999, 10.0)])
+    assert "same_seed: same seed twice: DIFFER, first at step 150: train_loss 2.5 against 2.4999" in parted
+    final = gpu_check.table([run("deterministic_a", 2.5, 10.0), run("deterministic_b", 2.5, 10.0, value=0.6)])
+    assert "DIFFER, first at the final metrics" in final
+    missing = {"phase": "determinism", "name": "same_seed_b", "status": "cap", "seconds": 150.0, "last_line": ""}
+    assert "the second run of the seed has no results.json (cap)" in gpu_check.table([run("same_seed_a", 2.5, 1.0),
+                                                                                       missing])
 
 
 def test_gpu_check_reads_the_kit_progress_lines():
