@@ -20,6 +20,11 @@ Stages 2-5 (what is left of issue 10: the defaults at their whole budgets, the t
              (the default mode's compile cache is warm from the determinism phase)
   full       a few defaults at their whole budgets, side by side, with --compile-mode reduce-overhead
              (speed only; the Mamba without), the failure claims first: see STAGES and FULL below
+Stage 6 (the headline's 120 s goal; 239 s cold in the default mode, 85 s warm with CUDA graphs at 0.922):
+  env        as above
+  goal       the headline with CUDA graphs and --stop-at 0.95, alone, one run after the other, the first
+             from an empty compile cache: over 6,000 steps (margin), at batch 4,096 (throughput), with an
+             embedding LR x60 and with a body LR 5e-4 (the recipe study's levers)
 Nothing of a run is lost at a cap: its log holds the progress lines so far. NEXT_STAGE names the first
 stage not yet run; a session that runs one moves it on.
 
@@ -104,13 +109,23 @@ FULL = {
         ("full_path_d10000_l10", "star_in_weights.py", CG,
          ["--degree", "10000", "--path-length", "10", "--width", "784"])],
 }
+# The 120 s goal, one run at a time (clean wall times), the most telling first: does 0.95 come, and when
+GOAL_FLAGS = ["--hardest-token", *CG, "--stop-at", "0.95"]
+GOAL = [("goal_cuda_graphs", "star_in_weights.py", GOAL_FLAGS, ["--degree", "5000", "--steps", "6000"]),
+        ("goal_batch4096", "star_in_weights.py", [*GOAL_FLAGS, "--batch-size", "4096"],
+         ["--degree", "5000", "--steps", "6000"]),
+        ("goal_embed_x60", "star_in_weights.py", [*GOAL_FLAGS, "--embed-lr-mult", "60"],
+         ["--degree", "5000", "--steps", "6000"]),
+        ("goal_lr5e-4", "star_in_weights.py", [*GOAL_FLAGS, "--lr", "5e-4"], ["--degree", "5000", "--steps", "6000"])]
 STAGES = {1: "done 2026-12-04 (results/gpu_check/): the headline from a cold start, every default for 300 steps, "
              "the bench",
           2: "one seed twice, without and with --deterministic; the bench profiled in both compile modes; forward "
              "edges and frozen embeddings at their whole budgets",
           3: "in-context and tree-star at their whole budgets",
           4: "full path G(5000,5), reverse path, Mamba (kit block) at their whole budgets",
-          5: "pauses 0, staged, full path G(10^4,6) and G(10^4,10) at their whole budgets"}
+          5: "pauses 0, staged, full path G(10^4,6) and G(10^4,10) at their whole budgets",
+          6: "the headline's 120 s goal: CUDA graphs, stop at 0.95, from a cold cache; 6,000 steps, batch 4,096, "
+             "embedding x60, body LR 5e-4"}
 NEXT_STAGE = 2  # the first stage not yet run on a GPU: move it on when a session has run one
 CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120, "profile": 150}  # s; the last phase: what is left
 AT_ONCE = ("smoke", "full", "determinism")  # phases whose runs share the GPU; the others run alone, one by one
@@ -140,6 +155,8 @@ def plan(work: str, rehearsal: bool, stage: int = NEXT_STAGE) -> list[tuple[str,
         return [env_phase, ("headline", runs([HEADLINE]), cold),
                 ("smoke", [("cuda_tests", cuda_tests)] + runs(SMOKE), one_thread), ("bench", runs(BENCH), {})]
     few = {"TORCHINDUCTOR_COMPILE_THREADS": "2"}  # 2-4 processes on the machine's 8 cores
+    if stage == 6:
+        return [env_phase, ("goal", runs(GOAL), {"TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor_cache_goal")})]
     first = [("determinism", runs(SAME_SEED), few), ("profile", runs(PROFILE), {})] if stage == 2 else []
     return [env_phase, *first, ("full", runs(FULL[stage]), few)]
 
@@ -235,14 +252,14 @@ def table(runs: list[dict]) -> str:
         value = f"{r['value']:.4f}" if isinstance(r.get("value"), (int, float)) else ""
         rows.append(f"| {r['phase']} | {r['name']} | {r['status']} | {r['seconds']} | {r.get('device', '')} | "
                     f"{r.get('reproduced', '')} | {value} | `{r['last_line'][:140].replace('|', '/')}` |")
-    for r in runs:  # the headline's curve, and when it reached 0.95
+    for r in runs:  # the headline's (and its goal runs') curve, and when it reached 0.95
         hist = [h for h in (r.get("history") or []) if isinstance(h.get("test_first_token"), (int, float))]
-        if r["name"] == "headline" and hist:
+        if (r["name"] == "headline" or r["phase"] == "goal") and hist:
             reach = next((h for h in hist if h["test_first_token"] >= 0.95), None)
-            rows.append("\nheadline curve (step: held-out first token @ s of training): " + ", ".join(
+            rows.append(f"\n{r['name']} curve (step: held-out first token @ s of training): " + ", ".join(
                 f"{h['step']}: {h['test_first_token']:.3f} @ {h['seconds']:.0f}" for h in hist))
             reached = f"step {reach['step']}, {reach['seconds']:.0f} s into training" if reach else "no"
-            rows.append(f"headline reached 0.95: {reached}; the process's wall time, start-up and compilation "
+            rows.append(f"{r['name']} reached 0.95: {reached}; the process's wall time, start-up and compilation "
                         f"included: {r['seconds']} s")
     named = {r["name"]: r for r in runs}
     for arm in sorted({r["name"][:-2] for r in runs if r["name"].endswith("_a") and r.get("science")}):
@@ -257,7 +274,7 @@ def table(runs: list[dict]) -> str:
                     + f"; training steps/s {speeds}")
     keep = ("steps_per_s", "examples_per_s", "model_tflops_per_s", "mfu", "speedup_vs_release", "warmup_seconds",
             "train_seconds", "eval_seconds", "seconds_to_95pct")
-    for timed in (r for r in runs if r["phase"] in ("bench", "headline", "profile") and r.get("speed")):  # as recorded
+    for timed in (r for r in runs if r["phase"] in ("bench", "headline", "profile", "goal") and r.get("speed")):  # as recorded
         rows.append(f"\n{timed['name']}: " + ", ".join(f"{k} {timed['speed'][k]}" for k in keep if k in timed["speed"]))
         if "profile" in timed["speed"]:  # per step, after the timed window: launches against GPU busy time
             rows.append(f"{timed['name']} profiled: " + ", ".join(f"{k} {v}" for k, v in timed["speed"]["profile"].items()))

@@ -656,8 +656,8 @@ def test_gpu_check_plan_parses_as_each_script_would():
         assert cfg.out.endswith(name), (name, cfg.out)
         checked += 1
     assert checked == 2 * (len(gpu_check.SMOKE) + len(gpu_check.BENCH) + 1 + len(gpu_check.PROFILE)
-                           + len(gpu_check.SAME_SEED) + sum(map(len, gpu_check.FULL.values())))
-    assert set(gpu_check.FULL) | {1} == set(gpu_check.STAGES) and gpu_check.NEXT_STAGE in gpu_check.STAGES
+                           + len(gpu_check.SAME_SEED) + len(gpu_check.GOAL) + sum(map(len, gpu_check.FULL.values())))
+    assert set(gpu_check.FULL) | {1, 6} == set(gpu_check.STAGES) and gpu_check.NEXT_STAGE in gpu_check.STAGES
     headline = next(a for n, a in runs if n == "headline")
     assert headline[2:-2] == ["--hardest-token", "--device", "cuda", "--degree", "5000"]  # the README's command
 
