@@ -34,7 +34,8 @@ Commands (from the repository root)
     python gpu_check.py --plan [--stage N]             # print every command, run nothing
     python gpu_check.py --cpu-rehearsal --out /tmp/gc  # the same plumbing on a CPU at --quick sizes
 Writes into --out (at most 3 files, as the device tool brings back 8): summary.md (the table; also
-printed last), summary.json, runs.tar.gz (each run's folder: results.json, figures, log.txt).
+printed last, with the GPU's utilization, clock, power and temperature per phase), summary.json,
+runs.tar.gz (each run's folder: results.json, figures, log.txt; gpu_samples.csv, nvidia-smi every 5 s).
 The runs themselves work under --work (default /tmp/gpu_check).
 Afterwards, on the developer's machine: unpack runs.tar.gz, keep each run's results.json and log.txt
 under results/gpu_check/ (stage 1: headline/ as results/gpu_headline/), and put the measured numbers
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -131,6 +133,49 @@ CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120, "profile":
 AT_ONCE = ("smoke", "full", "determinism")  # phases whose runs share the GPU; the others run alone, one by one
 RESERVE = 25  # seconds kept at the end for the summary and the archive
 PROGRESS = re.compile(r"^step\s+(\d+)/\d+ \|\s+([\d.]+)s \|.*\| test_first_token ([\d.]+)")
+
+
+GPU_SAMPLE = ("utilization.gpu", "clocks.sm", "power.draw", "temperature.gpu")  # read every SAMPLE_EVERY s of a call
+SAMPLE_EVERY = 5.0
+
+
+def sample_gpu(stop: threading.Event, path: str, every: float = SAMPLE_EVERY) -> None:
+    """Until `stop`, one nvidia-smi reading every `every` seconds, appended to `path` as CSV (unix time first):
+    how busy the GPU is while runs share it, and whether its clock falls during a long run (heat, power) as the
+    default mode's step time rises from 35 to 45 ms. Returns at once where there is no nvidia-smi."""
+    with open(path, "w") as f:
+        f.write(",".join(("time", *GPU_SAMPLE)) + "\n")
+        while not stop.wait(every):
+            try:
+                out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(GPU_SAMPLE)}", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return
+            values = [v.strip() for v in (out.splitlines() or [""])[0].split(",")]  # the first GPU
+            if len(values) == len(GPU_SAMPLE):
+                f.write(",".join((f"{time.time():.1f}", *values)) + "\n")
+                f.flush()
+
+
+def gpu_rows(path: str, windows: list[tuple[str, float, float]]) -> list[str]:
+    """One line per phase from sample_gpu's readings inside its time window: mean utilization, SM clock range,
+    peak power and temperature (a reading the driver gives as "[N/A]" is left out)."""
+    if not os.path.exists(path):
+        return []
+    number = lambda v: float(v) if re.fullmatch(r"-?[\d.]+", v) else None  # noqa: E731
+    samples = [[number(v) for v in line.split(",")] for line in open(path).read().splitlines()[1:]]
+    rows = []
+    for phase, t0, t1 in windows:
+        inside = [s for s in samples if s[0] is not None and t0 <= s[0] <= t1]
+        column = lambda i: [s[i] for s in inside if s[i] is not None]  # noqa: E731
+        util, clock, power, temp = (column(i) for i in range(1, 5))
+        if not util:
+            continue
+        rows.append(f"{phase}: GPU utilization mean {sum(util) / len(util):.0f}% over {len(util)} readings"
+                    + (f", SM clock {min(clock):.0f}-{max(clock):.0f} MHz" if clock else "")
+                    + (f", power up to {max(power):.0f} W" if power else "")
+                    + (f", temperature up to {max(temp):.0f} C" if temp else ""))
+    return rows
 
 
 def command(spec, work: str, rehearsal: bool) -> list[str]:
@@ -320,7 +365,10 @@ def main(argv=None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     os.makedirs(args.out, exist_ok=True)
-    start, results = time.time(), []
+    start, results, windows = time.time(), [], []
+    stop, samples = threading.Event(), os.path.join(args.work, "gpu_samples.csv")
+    sampler = threading.Thread(target=sample_gpu, args=(stop, samples), daemon=True)
+    sampler.start()
     for phase, runs, env in phases:
         left = args.budget - RESERVE - (time.time() - start)
         cap = min(CAPS.get(phase, left), left)
@@ -330,10 +378,16 @@ def main(argv=None) -> int:
             continue
         print(f"[gpu_check] {phase}: {len(runs)} run(s), cap {cap:.0f} s", flush=True)
         parallel = args.parallel if phase in AT_ONCE else 1
+        t0 = time.time()
         for r in run_group(runs, env, cap, args.work, parallel):
             results.append(describe({"phase": phase, **r}, args.work) if r["status"] != "not started (cap)"
                            else {"phase": phase, **r, "last_line": ""})
-    summary = table(results)
+        windows.append((phase, t0, time.time()))
+    stop.set()
+    sampler.join(timeout=15)
+    gpu = gpu_rows(samples, windows)
+    summary = table(results) + ("\n\nGPU by phase (nvidia-smi every 5 s; gpu_samples.csv in runs.tar.gz):\n" +
+                                "\n".join(gpu) if gpu else "")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(f"gpu_check: {time.time() - start:.0f} s in all\n\n{summary}\n")
     with open(os.path.join(args.out, "summary.json"), "w") as f:

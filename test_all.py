@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -712,6 +713,33 @@ def test_gpu_check_same_seed_comparison():
     missing = {"phase": "determinism", "name": "same_seed_b", "status": "cap", "seconds": 150.0, "last_line": ""}
     assert "the second run of the seed has no results.json (cap)" in gpu_check.table([run("same_seed_a", 2.5, 1.0),
                                                                                        missing])
+
+
+def test_gpu_check_samples_the_gpu(tmp_path, monkeypatch):
+    """The sampler reads nvidia-smi through a call (here a stand-in that prints one reading) and the summary
+    gives each phase's readings; without nvidia-smi it stops at once and the summary says nothing."""
+    import threading
+    import gpu_check
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho '87, 1980, [N/A], 61'\n")
+    fake.chmod(0o755)
+    for path_env, expect_rows in ((f"{fake.parent}{os.pathsep}{os.environ['PATH']}", True), ("/nonexistent", False)):
+        monkeypatch.setenv("PATH", path_env)
+        stop, readings = threading.Event(), tmp_path / "samples.csv"
+        t0 = time.time()
+        sampler = threading.Thread(target=gpu_check.sample_gpu, args=(stop, str(readings), 0.05))
+        sampler.start()
+        time.sleep(0.5)
+        stop.set()
+        sampler.join(timeout=10)
+        rows = gpu_check.gpu_rows(str(readings), [("full", t0, time.time()), ("later", time.time() + 1, time.time() + 2)])
+        if expect_rows:
+            assert len(rows) == 1 and rows[0].startswith("full: GPU utilization mean 87% over "), rows
+            assert "SM clock 1980-1980 MHz" in rows[0] and "temperature up to 61 C" in rows[0]
+            assert "power" not in rows[0]  # "[N/A]" is no reading
+        else:
+            assert rows == [] and readings.read_text().count("\n") == 1  # the header only
 
 
 def test_gpu_check_reads_the_kit_progress_lines():
