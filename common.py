@@ -309,12 +309,21 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x):  # x: (B, T, m)
-        B, T, m = x.shape
-        q, k, v = self.qkv(x).split(m, dim=2)  # 3 x (B, T, m)
-        q, k, v = (t.view(B, T, self.n_head, m // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, m/H)
+    def forward(self, x, shapes=None):
+        """x: (B, T, m); or, with `shapes` = [(B_i, T_i), ...], (N, m): the tokens of several token sets one after
+        another (N = sum B_i T_i), whose projections run once over all of them and attention within each set."""
+        if shapes is None:
+            return self.proj(self.attend(self.qkv(x)))
+        parts = self.qkv(x).split([b * t for b, t in shapes])  # per set: (B_i T_i, 3m)
+        y = torch.cat([self.attend(p.view(b, t, -1)).flatten(0, 1) for p, (b, t) in zip(parts, shapes)])  # (N, m)
+        return self.proj(y)
+
+    def attend(self, qkv):  # (B, T, 3m) -> (B, T, m), causal
+        B, T, m3 = qkv.shape
+        q, k, v = (t.view(B, T, self.n_head, m3 // 3 // self.n_head).transpose(1, 2)
+                   for t in qkv.split(m3 // 3, dim=2))  # 3 x (B, H, T, m/H)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, m/H)
-        return self.proj(y.transpose(1, 2).reshape(B, T, m))
+        return y.transpose(1, 2).reshape(B, T, m3 // 3)
 
 
 class Block(nn.Module):
@@ -330,9 +339,9 @@ class Block(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias), nn.GELU(approximate="tanh"),
                                      nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias), nn.Dropout(cfg.dropout))
 
-    def forward(self, x):  # (B, T, m) -> (B, T, m)
+    def forward(self, x, shapes=None):  # (B, T, m) -> (B, T, m); or (N, m) -> (N, m), see SelfAttention
         if self.attn is not None:
-            x = x + self.attn(self.ln_1(x)) if self.residual else self.attn(self.ln_1(x))
+            x = x + self.attn(self.ln_1(x), shapes) if self.residual else self.attn(self.ln_1(x), shapes)
         return x + self.mlp(self.ln_2(x)) if self.residual else self.mlp(self.ln_2(x))
 
 
@@ -368,23 +377,44 @@ class GPT(nn.Module):
             self.wte.weight.requires_grad_(False)
             self.lm_head.weight.requires_grad_(False)
 
-    def hidden(self, idx):  # idx: (B, T) -> (B, T, m)
+    def embed(self, idx):  # idx: (B, T) -> (B, T, m): tokens plus positions
         x = self.wte(idx)
         if self.cfg.positions == "learned":
             x = x + self.wpe.weight[: idx.shape[1]]
         elif self.cfg.positions == "sinusoidal":
             x = x + self.pos_table[: idx.shape[1]]
+        return x
+
+    def hidden(self, idx):  # idx: (B, T) -> (B, T, m)
+        x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
 
     def forward(self, idx, loss_pos=None):
         """Logits (B, n_loss, V) at the positions `loss_pos` only (all positions if None):
-        the vocabulary is large, so the head is applied after gathering."""
+        the vocabulary is large, so the head is applied after gathering. Given a list of token sets
+        [(idx, loss_pos), ...] instead: merged_sets_logits."""
+        if isinstance(idx, (list, tuple)):
+            return self.merged_sets_logits(idx)
         h = self.hidden(idx)
         if loss_pos is not None:
             h = h[:, loss_pos]  # (B, n_loss, m)
         return self.lm_head(h)
+
+    def merged_sets_logits(self, sets):
+        """Logits of several token sets of different lengths (a training step's edges and paths) in one pass,
+        flat: (sum_i B_i n_loss_i, V), set after set. Every example sees what forward() shows it (attention
+        stays within each set, positions start at 0 in each), but every per-token layer and the head run
+        once over all the tokens: about half the kernels of one forward per set, each larger."""
+        shapes = [tuple(idx.shape) for idx, _ in sets]
+        x = torch.cat([self.embed(idx).flatten(0, 1) for idx, _ in sets])  # (N, m), N = sum B_i T_i
+        for block in self.blocks:
+            x = block(x, shapes)
+        x = self.ln_f(x)
+        rows = [part.view(b, t, -1)[:, pos].flatten(0, 1)  # (B_i n_loss_i, m)
+                for part, (_, pos), (b, t) in zip(x.split([b * t for b, t in shapes]), sets, shapes)]
+        return self.lm_head(torch.cat(rows))  # (sum B_i n_loss_i, V)
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> int:
@@ -678,6 +708,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (CUDA only; falls back to eager on failure)
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" adds CUDA graphs (fewer launches)
     precision: str = "bf16"  # "bf16": autocast on CUDA (fp32 on CPU); "fp32": fp32 everywhere
+    merge_sets: bool = False  # GPT: one forward over all of a step's token sets (GPT.merged_sets_logits), fewer kernels
     stop_when: Callable[[dict], bool] | None = None  # end the run at the first evaluation record it accepts
 
 
@@ -787,8 +818,13 @@ class Sampler:
         return batch
 
 
-def batch_loss(model, batch) -> torch.Tensor:
-    """Mean cross-entropy over every loss token of the batch (a full-path example counts l times)."""
+def batch_loss(model, batch, merged: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over every loss token of the batch (a full-path example counts l times).
+    merged: one forward over all the batch's token sets (GPT.merged_sets_logits), the same loss."""
+    if merged:
+        logits = model([(x, pos) for x, _, pos in batch])  # (sum B_i n_loss_i, V)
+        labels = torch.cat([y.flatten() for _, y, _ in batch])
+        return F.cross_entropy(logits.float(), labels)
     total, count = 0.0, 0
     for x, y, pos in batch:
         logits = model(x, pos)  # (b, n_loss, V)
@@ -815,7 +851,7 @@ def try_compile(model: nn.Module, enabled: bool, device, mode: str = "default") 
 def optimizer_step(fwd: nn.Module, model: nn.Module, opt, batch, tc: TrainConfig, device) -> torch.Tensor:
     """One training step through `fwd` (the compiled or the eager model): loss, backward, clip, step."""
     with autocast(device, tc.precision):
-        loss = batch_loss(fwd, batch)
+        loss = batch_loss(fwd, batch, tc.merge_sets)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if tc.grad_clip > 0:

@@ -10,21 +10,24 @@ Stage 1 (run on 2026-12-04 on one H200; results/gpu_check/, README rows 1-9 and 
              (pytest test_all.py -k "cuda or mamba_ssm"), side by side on the one GPU (crash check)
   bench      star_in_weights.py --degree 5000 --hardest-token --bench (steps/s, examples/s, MFU, x release),
              then the same with --compile-mode reduce-overhead (CUDA graphs)
-Stages 2-5 (what is left of issue 10: the defaults at their whole budgets, the throughput):
+Stage 2 (what the throughput and the standards need to know first):
   env        as above
-  determinism (stage 2) the headline's configuration for 300 steps, twice with one seed in the default mode
-             and twice with --deterministic, the four side by side: are the science metrics the same (the
+  determinism the headline's configuration for 300 steps, twice with one seed in the default mode and
+             twice with --deterministic, the four side by side: are the science metrics the same (the
              kit's standard), and what do deterministic kernels cost
-  profile    (stage 2) the bench with --profile in both compile modes, one after the other: torch.profiler's
-             table and, per step, kernels, launches, graph launches and GPU busy time against wall time
-             (the default mode's compile cache is warm from the determinism phase)
+  profile    the bench with --profile, one after the other, in both compile modes, each with and without
+             --merge-sets (one forward over a step's edges and paths: ~40% fewer kernels by inductor's
+             count on the CPU): torch.profiler's table and, per step, kernels, launches, graph launches and
+             GPU busy time against wall time (the default mode's compile cache is warm from determinism)
+Stages 3-6 (the other defaults at their whole budgets):
+  env        as above
   full       a few defaults at their whole budgets, side by side, with --compile-mode reduce-overhead
              (speed only; the Mamba without), the failure claims first: see STAGES and FULL below
-Stage 6 (the headline's 120 s goal; 239 s cold in the default mode, 85 s warm with CUDA graphs at 0.922):
+Stage 7 (the headline's 120 s goal; 239 s cold in the default mode, 85 s warm with CUDA graphs at 0.922):
   env        as above
   goal       the headline with CUDA graphs and --stop-at 0.95, alone, one run after the other, the first
-             from an empty compile cache: over 6,000 steps (margin), at batch 4,096 (throughput), with an
-             embedding LR x60 and with a body LR 5e-4 (the recipe study's levers)
+             from an empty compile cache: over 6,000 steps (margin), the same with --merge-sets, at batch
+             4,096 (throughput), with an embedding LR x60 and with a body LR 5e-4 (the recipe study's levers)
 Nothing of a run is lost at a cap: its log holds the progress lines so far. NEXT_STAGE names the first
 stage not yet run; a session that runs one moves it on.
 
@@ -92,20 +95,21 @@ SAME_SEED = [(f"{arm}_{rep}", "star_in_weights.py", ["--hardest-token", *flags],
              for rep in "ab" for arm, flags in (("same_seed", []), ("deterministic", ["--deterministic"]))]
 CG = ["--compile-mode", "reduce-overhead"]  # CUDA graphs: 2.2x the default mode's steps/s on one H200 (speed only)
 # where the step's time goes: the default mode's 35-45 ms (host-bound, drifting within a run), the CUDA-graph
-# step's 16 ms (the way past 14.5x the release); the first ~30 s with a warm cache, the second ~100 s (cold)
-PROFILE = [("bench_profile", "star_in_weights.py", ["--hardest-token", "--bench", "--profile"], ["--degree", "5000"]),
-           ("bench_profile_cuda_graphs", "star_in_weights.py", ["--hardest-token", "--bench", "--profile", *CG],
-            ["--degree", "5000"])]
+# step's 16 ms (the way past 14.5x the release), and what one forward over the edges and paths saves of each;
+# the first ~30 s (cache warm), then ~45, ~100 and ~80 s (cold compiles)
+PROFILE = [(f"bench_profile{merged}{graphs}", "star_in_weights.py",
+            ["--hardest-token", "--bench", "--profile", *(["--merge-sets"] if merged else []), *(CG if graphs else [])],
+            ["--degree", "5000"]) for graphs in ("", "_cuda_graphs") for merged in ("", "_merged")]
 # The defaults at their whole budgets, with CUDA graphs (the Mamba's compiled scan without: not yet tried under
 # them), a few per session: ~130 s of GPU per 8,000 steps of the 12x384 at G(5000,5), 2 arms each, side by side
 FULL = {
-    2: [("forward_edges", "star_in_weights.py", ["--hardest-token", "--edges", "forward", *CG], ["--degree", "5000"]),
+    3: [("forward_edges", "star_in_weights.py", ["--hardest-token", "--edges", "forward", *CG], ["--degree", "5000"]),
         ("freeze_embeddings", "freeze_embeddings.py", CG, [])],  # the failure claims first
-    3: [("star_in_context", "star_in_context.py", CG, []), ("tree_star", "tree_star.py", CG, [])],
-    4: [("full_path", "star_in_weights.py", CG, ["--degree", "5000"]),
+    4: [("star_in_context", "star_in_context.py", CG, []), ("tree_star", "tree_star.py", CG, [])],
+    5: [("full_path", "star_in_weights.py", CG, ["--degree", "5000"]),
         ("reverse_path", "star_in_weights.py", ["--reverse-path", *CG], ["--degree", "5000"]),
         ("mamba", "star_in_weights.py", ["--hardest-token", "--model", "mamba"], ["--degree", "5000"])],
-    5: [("pauses0", "star_in_weights.py", ["--pauses", "0", *CG], ["--degree", "5000"]),
+    6: [("pauses0", "star_in_weights.py", ["--pauses", "0", *CG], ["--degree", "5000"]),
         ("staged", "star_in_weights.py", ["--hardest-token", "--recipe", "staged", *CG], ["--degree", "5000"]),
         ("full_path_d10000_l6", "star_in_weights.py", CG, ["--degree", "10000", "--path-length", "6"]),
         ("full_path_d10000_l10", "star_in_weights.py", CG,
@@ -114,6 +118,7 @@ FULL = {
 # The 120 s goal, one run at a time (clean wall times), the most telling first: does 0.95 come, and when
 GOAL_FLAGS = ["--hardest-token", *CG, "--stop-at", "0.95"]
 GOAL = [("goal_cuda_graphs", "star_in_weights.py", GOAL_FLAGS, ["--degree", "5000", "--steps", "6000"]),
+        ("goal_merged_sets", "star_in_weights.py", [*GOAL_FLAGS, "--merge-sets"], ["--degree", "5000", "--steps", "6000"]),
         ("goal_batch4096", "star_in_weights.py", [*GOAL_FLAGS, "--batch-size", "4096"],
          ["--degree", "5000", "--steps", "6000"]),
         ("goal_embed_x60", "star_in_weights.py", [*GOAL_FLAGS, "--embed-lr-mult", "60"],
@@ -121,15 +126,16 @@ GOAL = [("goal_cuda_graphs", "star_in_weights.py", GOAL_FLAGS, ["--degree", "500
         ("goal_lr5e-4", "star_in_weights.py", [*GOAL_FLAGS, "--lr", "5e-4"], ["--degree", "5000", "--steps", "6000"])]
 STAGES = {1: "done 2026-12-04 (results/gpu_check/): the headline from a cold start, every default for 300 steps, "
              "the bench",
-          2: "one seed twice, without and with --deterministic; the bench profiled in both compile modes; forward "
-             "edges and frozen embeddings at their whole budgets",
-          3: "in-context and tree-star at their whole budgets",
-          4: "full path G(5000,5), reverse path, Mamba (kit block) at their whole budgets",
-          5: "pauses 0, staged, full path G(10^4,6) and G(10^4,10) at their whole budgets",
-          6: "the headline's 120 s goal: CUDA graphs, stop at 0.95, from a cold cache; 6,000 steps, batch 4,096, "
-             "embedding x60, body LR 5e-4"}
+          2: "one seed twice, without and with --deterministic; the bench profiled in both compile modes, each with "
+             "and without --merge-sets",
+          3: "forward edges and frozen embeddings at their whole budgets",
+          4: "in-context and tree-star at their whole budgets",
+          5: "full path G(5000,5), reverse path, Mamba (kit block) at their whole budgets",
+          6: "pauses 0, staged, full path G(10^4,6) and G(10^4,10) at their whole budgets",
+          7: "the headline's 120 s goal: CUDA graphs, stop at 0.95, from a cold cache; 6,000 steps, with "
+             "--merge-sets, batch 4,096, embedding x60, body LR 5e-4"}
 NEXT_STAGE = 2  # the first stage not yet run on a GPU: move it on when a session has run one
-CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120, "profile": 150}  # s; the last phase: what is left
+CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120}  # seconds; the last phase gets what is left
 AT_ONCE = ("smoke", "full", "determinism")  # phases whose runs share the GPU; the others run alone, one by one
 RESERVE = 25  # seconds kept at the end for the summary and the archive
 PROGRESS = re.compile(r"^step\s+(\d+)/\d+ \|\s+([\d.]+)s \|.*\| test_first_token ([\d.]+)")
@@ -200,10 +206,11 @@ def plan(work: str, rehearsal: bool, stage: int = NEXT_STAGE) -> list[tuple[str,
         return [env_phase, ("headline", runs([HEADLINE]), cold),
                 ("smoke", [("cuda_tests", cuda_tests)] + runs(SMOKE), one_thread), ("bench", runs(BENCH), {})]
     few = {"TORCHINDUCTOR_COMPILE_THREADS": "2"}  # 2-4 processes on the machine's 8 cores
-    if stage == 6:
+    if stage == 2:
+        return [env_phase, ("determinism", runs(SAME_SEED), few), ("profile", runs(PROFILE), {})]
+    if stage == 7:
         return [env_phase, ("goal", runs(GOAL), {"TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor_cache_goal")})]
-    first = [("determinism", runs(SAME_SEED), few), ("profile", runs(PROFILE), {})] if stage == 2 else []
-    return [env_phase, *first, ("full", runs(FULL[stage]), few)]
+    return [env_phase, ("full", runs(FULL[stage]), few)]
 
 
 def gpu_memory_gb() -> float:

@@ -15,7 +15,7 @@ Commands
     python star_in_weights.py --degree 5000 --reverse-path       # Fig 34 left
     python star_in_weights.py --degree 5000 --recipe staged      # Fig 36: edges, then paths
     python star_in_weights.py --degree 5000 --pauses 0           # Fig 35: 0 pauses against the default 5
-    python star_in_weights.py --degree 5000 --hardest-token --bench  # throughput only
+    python star_in_weights.py --degree 5000 --hardest-token --bench [--merge-sets]  # throughput only
     python star_in_weights.py --quick                            # CPU smoke test, < 1 minute
     OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token          # the headline on a CPU, ~1 min
     OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token --edges forward   # Fig 33 on a CPU, ~2.5 min
@@ -77,6 +77,8 @@ class Config:
                               list(C.COMPILE_MODES))
     deterministic: bool = C.arg(False, "same seed, same numbers on a GPU too: torch's deterministic kernels (no atomic-add "
                                 "sums); its cost on a GPU is not yet measured (gpu_check.py stage 2)")
+    merge_sets: bool = C.arg(False, "GPT: one forward over each step's edges and paths (attention within each set), "
+                             "the same loss with ~40%% fewer kernels (inductor, CPU); not yet timed on a GPU")
     bench: bool = C.arg(False, "only time training steps (steps/s, examples/s, MFU); no evaluation")
     bench_steps: int = C.arg(200, "timed steps for --bench (after 30 warm-up steps)")
     profile: bool = C.arg(False, "with --bench: torch.profiler over 10 more steps; table in profile.txt, launches "
@@ -149,6 +151,8 @@ def validate(cfg: Config) -> str | None:
         return f"--train-ratio {cfg.train_ratio} leaves no training or no held-out leaf at degree {cfg.degree}"
     if cfg.mamba_block != "kit" and cfg.model != "mamba":
         return f"--mamba-block {cfg.mamba_block} needs --model mamba"
+    if cfg.merge_sets and cfg.model != "gpt":
+        return "--merge-sets is for the GPT (a Mamba's scan runs along each sequence)"
     if cfg.freeze_embeddings and not cfg.tied:
         return "--freeze-embeddings freezes the tied embedding (App. E.1); it does not combine with --no-tied"
     if cfg.hardest_token and cfg.reverse_path:
@@ -336,7 +340,7 @@ def train_config(cfg: Config, steps: int, lr: float) -> C.TrainConfig:
     return C.TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, warmup=min(cfg.warmup, steps),
                          weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings,
                          embed_lr_mult=cfg.embed_lr_mult, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
-                         compile=cfg.compile, compile_mode=cfg.compile_mode,
+                         compile=cfg.compile, compile_mode=cfg.compile_mode, merge_sets=cfg.merge_sets,
                          precision="bf16",  # bf16 is safe here: accuracies are argmaxes
                          stop_when=(lambda r: r["test_first_token"] >= cfg.stop_at) if cfg.stop_at > 0 else None)
 

@@ -207,6 +207,30 @@ def test_gpt_ablation_switches():
     assert not torch.allclose(res(x), nores(x))
 
 
+@pytest.mark.parametrize("switches", [{}, dict(attention=False), dict(residual=False), dict(layernorm=False),
+                                      dict(positions="learned"), dict(positions="none"), dict(tied=False),
+                                      dict(mlp="linear")])
+def test_merged_sets_same_loss_and_gradients(switches):
+    """--merge-sets runs a step's token sets (edges of 2 tokens, paths of 7 or 11) through one forward: the
+    same per-example function, so the same loss and gradients as one forward per set, for every ablation
+    switch and both path targets; attention must not leak between the sets' examples."""
+    g = C.path_star(12, 5, seed=0)
+    for target in ("first", "full"):
+        sets = C.in_weights_path_sets(g, 5, target)
+        batch = [(s.inputs[:7], s.labels[:7], s.loss_pos) for s in sets[:2]]
+        torch.manual_seed(1)
+        m = C.build_model("gpt", C.vocab_size(g.num_nodes), 2, 16, 2, "cpu", **switches)
+        params = [p for p in m.parameters() if p.requires_grad]
+        per_set, merged = (C.batch_loss(m, batch, merged) for merged in (False, True))
+        for a, b in zip(torch.autograd.grad(per_set, params), torch.autograd.grad(merged, params)):
+            assert torch.allclose(a, b, atol=1e-6), switches
+        assert abs(per_set.item() - merged.item()) < 1e-5
+    # each example's logits are those of its own set alone (the paths do not see the edges, nor rows each other)
+    flat = m([(x, pos) for x, _, pos in batch])
+    alone = torch.cat([m(x[i:i + 1], pos).flatten(0, 1) for x, _, pos in batch for i in range(len(x))])
+    assert flat.shape == alone.shape and torch.allclose(flat, alone, atol=1e-5)
+
+
 def test_frozen_embeddings_stay_fixed():
     m = tiny_gpt(freeze_embeddings=True)
     before = m.wte.weight.clone()
@@ -566,6 +590,7 @@ GPU_PATH_CASES = {
     "gpt_full_path": ("star_in_weights", ["--steps", "12", "--warmup", "4", "--eval-every", "6"]),
     "gpt_deterministic": ("star_in_weights", ["--hardest-token", "--deterministic", "--steps", "12", "--warmup", "4",
                                               "--eval-every", "6"]),
+    "gpt_merged_sets": ("star_in_weights", ["--merge-sets", "--steps", "12", "--warmup", "4", "--eval-every", "6"]),
     "gpt_bench": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3"]),
     "gpt_bench_cuda_graphs": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3",
                                                   "--compile-mode", "reduce-overhead", "--profile"]),
@@ -658,7 +683,7 @@ def test_gpu_check_plan_parses_as_each_script_would():
         checked += 1
     assert checked == 2 * (len(gpu_check.SMOKE) + len(gpu_check.BENCH) + 1 + len(gpu_check.PROFILE)
                            + len(gpu_check.SAME_SEED) + len(gpu_check.GOAL) + sum(map(len, gpu_check.FULL.values())))
-    assert set(gpu_check.FULL) | {1, 6} == set(gpu_check.STAGES) and gpu_check.NEXT_STAGE in gpu_check.STAGES
+    assert set(gpu_check.FULL) | {1, 2, 7} == set(gpu_check.STAGES) and gpu_check.NEXT_STAGE in gpu_check.STAGES
     headline = next(a for n, a in runs if n == "headline")
     assert headline[2:-2] == ["--hardest-token", "--device", "cuda", "--degree", "5000"]  # the README's command
 
@@ -1183,7 +1208,8 @@ def test_every_numeric_flag_rejects_bad_values(script, capsys):
     ("star_in_weights.py", ["--seed", "-1"]), ("star_in_weights.py", ["--lr", "nan"]),
     ("star_in_weights.py", ["--lr", "inf"]), ("star_in_weights.py", ["--geometry-paths", "-3"]),
     ("star_in_weights.py", ["--geometry-paths", "0"]), ("star_in_weights.py", ["--warmup", "2000", "--steps", "1000"]),
-    ("star_in_weights.py", ["--path-length", "2"]), ("tree_star.py", ["--seed", "-1"]),
+    ("star_in_weights.py", ["--path-length", "2"]), ("star_in_weights.py", ["--merge-sets", "--model", "mamba"]),
+    ("tree_star.py", ["--seed", "-1"]),
     ("star_in_context.py", ["--lr", "nan"]), ("freeze_embeddings.py", ["--warmup", "20000"]),
 ])
 def test_bad_input_listed_in_the_review(script, args, tmp_path, capsys):
