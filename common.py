@@ -406,7 +406,8 @@ class GPT(nn.Module):
         """Logits of several token sets of different lengths (a training step's edges and paths) in one pass,
         flat: (sum_i B_i n_loss_i, V), set after set. Every example sees what forward() shows it (attention
         stays within each set, positions start at 0 in each), but every per-token layer and the head run
-        once over all the tokens: about half the kernels of one forward per set, each larger."""
+        once over all the tokens: fewer kernels than one forward per set, each larger (inductor on the CPU,
+        12 layers, G(5000,5): 944 -> 586 generated kernels for the step; README "Speed")."""
         shapes = [tuple(idx.shape) for idx, _ in sets]
         x = torch.cat([self.embed(idx).flatten(0, 1) for idx, _ in sets])  # (N, m), N = sum B_i T_i
         for block in self.blocks:
