@@ -319,11 +319,11 @@ class SelfAttention(nn.Module):
         return self.proj(y)
 
     def attend(self, qkv):  # (B, T, 3m) -> (B, T, m), causal
-        B, T, m3 = qkv.shape
-        q, k, v = (t.view(B, T, self.n_head, m3 // 3 // self.n_head).transpose(1, 2)
-                   for t in qkv.split(m3 // 3, dim=2))  # 3 x (B, H, T, m/H)
+        B, T, m = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = (t.view(B, T, self.n_head, m // self.n_head).transpose(1, 2)
+                   for t in qkv.split(m, dim=2))  # 3 x (B, H, T, m/H)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, m/H)
-        return y.transpose(1, 2).reshape(B, T, m3 // 3)
+        return y.transpose(1, 2).reshape(B, T, m)
 
 
 class Block(nn.Module):

@@ -117,13 +117,9 @@ FULL = {
 }
 # The 120 s goal, one run at a time (clean wall times), the most telling first: does 0.95 come, and when
 GOAL_FLAGS = ["--hardest-token", *CG, "--stop-at", "0.95"]
-GOAL = [("goal_cuda_graphs", "star_in_weights.py", GOAL_FLAGS, ["--degree", "5000", "--steps", "6000"]),
-        ("goal_merged_sets", "star_in_weights.py", [*GOAL_FLAGS, "--merge-sets"], ["--degree", "5000", "--steps", "6000"]),
-        ("goal_batch4096", "star_in_weights.py", [*GOAL_FLAGS, "--batch-size", "4096"],
-         ["--degree", "5000", "--steps", "6000"]),
-        ("goal_embed_x60", "star_in_weights.py", [*GOAL_FLAGS, "--embed-lr-mult", "60"],
-         ["--degree", "5000", "--steps", "6000"]),
-        ("goal_lr5e-4", "star_in_weights.py", [*GOAL_FLAGS, "--lr", "5e-4"], ["--degree", "5000", "--steps", "6000"])]
+GOAL = [(f"goal_{name}", "star_in_weights.py", [*GOAL_FLAGS, *lever], ["--degree", "5000", "--steps", "6000"])
+        for name, lever in (("cuda_graphs", []), ("merged_sets", ["--merge-sets"]), ("batch4096", ["--batch-size", "4096"]),
+                            ("embed_x60", ["--embed-lr-mult", "60"]), ("lr5e-4", ["--lr", "5e-4"]))]
 STAGES = {1: "done 2026-12-04 (results/gpu_check/): the headline from a cold start, every default for 300 steps, "
              "the bench",
           2: "one seed twice, without and with --deterministic; the bench profiled in both compile modes, each with "
