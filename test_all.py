@@ -35,7 +35,7 @@ ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 # Two suites take minutes per test and run only when `-m` names them (`.ci/run` runs both after the unit
-# tests): the paper-scale dry runs (`-m paper_scale`, ~6 min) and the reproduction suite (`-m reproduce`, ~20 min).
+# tests): the paper-scale dry runs (`-m paper_scale`, ~10 min) and the reproduction suite (`-m reproduce`, ~20 min).
 OPT_IN = ("paper_scale", "reproduce")
 
 
@@ -1242,7 +1242,7 @@ def test_geometry_leaves_same_node_pairs_out():
 # ===================================================================================== paper scale on the CPU
 # Every script's default configuration at its full data size (graph, vocabulary, evaluation, figures)
 # with the model narrowed to 1 x 16, two training steps and a full evaluation, in a child process
-# whose peak resident memory is measured: `pytest test_all.py -m paper_scale` (~6 min; .ci/run runs it). The
+# whose peak resident memory is measured: `pytest test_all.py -m paper_scale` (~10 min; .ci/run runs it). The
 # paper's widths and the headline's evaluation cost, below them, take seconds and run in the plain command.
 NARROW = ["--layers", "1", "--width", "16", "--heads", "2", "--steps", "2", "--eval-every", "2", "--warmup", "0",
           "--device", "cpu"]
@@ -1293,6 +1293,8 @@ PAPER_SCALE = [  # (script, extra flags, vocabulary, logit rows per training exa
     ("star_in_weights.py", ["--hardest-token"], 20_008, 1),  # the headline, G(5000,5)
     ("star_in_weights.py", [], 20_008, 5),  # full path, G(5000,5)
     ("star_in_weights.py", ["--degree", "10000", "--path-length", "10", "--pauses", "10"], 90_008, 10),  # G(10^4,10)
+    ("star_in_weights.py", ["--degree", "10000", "--path-length", "10", "--pauses", "10", "--merge-sets"], 90_008,
+     10),  # the merged forward at the largest vocabulary: all of a step's logits at once
     ("star_in_weights.py", ["--hardest-token", "--model", "mamba"], 20_008, 1),
     ("star_in_weights.py", ["--hardest-token", "--model", "mamba", "--mamba-block", "release"], 20_008, 1),
     ("star_in_weights.py", ["--hardest-token", "--edges", "forward"], 20_008, 1),  # a failure claim: arm + control
