@@ -15,19 +15,23 @@ Stage 2 (what the throughput and the standards need to know first):
   determinism the headline's configuration for 300 steps, twice with one seed in the default mode and
              twice with --deterministic, the four side by side: are the science metrics the same (the
              kit's standard), and what do deterministic kernels cost
-  profile    the bench with --profile, one after the other, in both compile modes, each with and without
-             --merge-sets (one forward over a step's edges and paths: ~40% fewer kernels by inductor's
-             count on the CPU): torch.profiler's table and, per step, kernels, launches, graph launches and
-             GPU busy time against wall time (the default mode's compile cache is warm from determinism)
-Stages 3-6 (the other defaults at their whole budgets):
+  profile    the bench with --profile, one after the other: in both compile modes, whole model against
+             --regional-compile (each layer compiled once: 65 -> 28 s of compile on the CPU, the step 6%
+             slower there) and --merge-sets (one forward over a step's edges and paths: ~40% fewer kernels
+             by inductor's count on the CPU): torch.profiler's table and, per step, kernels, launches,
+             graph launches and GPU busy time against wall time, and the first 30 steps' seconds (compile;
+             the default mode's whole-model cache is warm from determinism, every other one cold)
+Stage 3 (the headline's 120 s goal; 239 s cold in the default mode, 85 s warm with CUDA graphs at 0.922):
+  env        as above
+  goal       the headline with CUDA graphs and --stop-at 0.95, alone, one run after the other, each from an
+             empty compile cache (a user's first run): over 6,000 steps (margin), then with the levers,
+             most telling first: --regional-compile (the cold start), with --merge-sets too, an embedding
+             LR x60 and a body LR 5e-4 (the recipe study's), batch 4,096 (throughput). ~2-3 min each: the
+             last may not start; reorder GOAL by what stage 2 measured before running it
+Stages 4-7 (the other defaults at their whole budgets):
   env        as above
   full       a few defaults at their whole budgets, side by side, with --compile-mode reduce-overhead
              (speed only; the Mamba without), the failure claims first: see STAGES and FULL below
-Stage 7 (the headline's 120 s goal; 239 s cold in the default mode, 85 s warm with CUDA graphs at 0.922):
-  env        as above
-  goal       the headline with CUDA graphs and --stop-at 0.95, alone, one run after the other, the first
-             from an empty compile cache: over 6,000 steps (margin), the same with --merge-sets, at batch
-             4,096 (throughput), with an embedding LR x60 and with a body LR 5e-4 (the recipe study's levers)
 Nothing of a run is lost at a cap: its log holds the progress lines so far. NEXT_STAGE names the first
 stage not yet run; a session that runs one moves it on.
 
@@ -94,42 +98,47 @@ SAME_SEED_STEPS = ["--steps", "300", "--warmup", "100", "--eval-every", "150"]
 SAME_SEED = [(f"{arm}_{rep}", "star_in_weights.py", ["--hardest-token", *flags], ["--degree", "5000", *SAME_SEED_STEPS])
              for rep in "ab" for arm, flags in (("same_seed", []), ("deterministic", ["--deterministic"]))]
 CG = ["--compile-mode", "reduce-overhead"]  # CUDA graphs: 2.2x the default mode's steps/s on one H200 (speed only)
+REGIONAL, MERGED = ["--regional-compile"], ["--merge-sets"]
 # where the step's time goes: the default mode's 35-45 ms (host-bound, drifting within a run), the CUDA-graph
-# step's 16 ms (the way past 14.5x the release), and what one forward over the edges and paths saves of each;
-# the first ~30 s (cache warm), then ~45, ~100 and ~80 s (cold compiles)
-PROFILE = [(f"bench_profile{merged}{graphs}", "star_in_weights.py",
-            ["--hardest-token", "--bench", "--profile", *(["--merge-sets"] if merged else []), *(CG if graphs else [])],
-            ["--degree", "5000"]) for graphs in ("", "_cuda_graphs") for merged in ("", "_merged")]
+# step's 16 ms (the way past 14.5x the release); what compiling one layer instead of the whole model saves of the
+# cold start and costs per step (12 compiled calls a forward, each with its own guards and graph launch), and what
+# one forward over the edges and paths saves; the first ~30 s (cache warm), the others ~40-100 s (cold compiles)
+PROFILE = [(f"bench_profile{name}", "star_in_weights.py", ["--hardest-token", "--bench", "--profile", *flags],
+            ["--degree", "5000"])
+           for name, flags in (("", []), ("_cuda_graphs", CG), ("_cuda_graphs_regional", [*CG, *REGIONAL]),
+                               ("_cuda_graphs_merged", [*CG, *MERGED]), ("_merged", MERGED), ("_regional", REGIONAL))]
 # The defaults at their whole budgets, with CUDA graphs (the Mamba's compiled scan without: not yet tried under
 # them), a few per session: ~130 s of GPU per 8,000 steps of the 12x384 at G(5000,5), 2 arms each, side by side
 FULL = {
-    3: [("forward_edges", "star_in_weights.py", ["--hardest-token", "--edges", "forward", *CG], ["--degree", "5000"]),
+    4: [("forward_edges", "star_in_weights.py", ["--hardest-token", "--edges", "forward", *CG], ["--degree", "5000"]),
         ("freeze_embeddings", "freeze_embeddings.py", CG, [])],  # the failure claims first
-    4: [("star_in_context", "star_in_context.py", CG, []), ("tree_star", "tree_star.py", CG, [])],
-    5: [("full_path", "star_in_weights.py", CG, ["--degree", "5000"]),
+    5: [("star_in_context", "star_in_context.py", CG, []), ("tree_star", "tree_star.py", CG, [])],
+    6: [("full_path", "star_in_weights.py", CG, ["--degree", "5000"]),
         ("reverse_path", "star_in_weights.py", ["--reverse-path", *CG], ["--degree", "5000"]),
         ("mamba", "star_in_weights.py", ["--hardest-token", "--model", "mamba"], ["--degree", "5000"])],
-    6: [("pauses0", "star_in_weights.py", ["--pauses", "0", *CG], ["--degree", "5000"]),
+    7: [("pauses0", "star_in_weights.py", ["--pauses", "0", *CG], ["--degree", "5000"]),
         ("staged", "star_in_weights.py", ["--hardest-token", "--recipe", "staged", *CG], ["--degree", "5000"]),
         ("full_path_d10000_l6", "star_in_weights.py", CG, ["--degree", "10000", "--path-length", "6"]),
         ("full_path_d10000_l10", "star_in_weights.py", CG,
          ["--degree", "10000", "--path-length", "10", "--width", "784"])],
 }
-# The 120 s goal, one run at a time (clean wall times), the most telling first: does 0.95 come, and when
+# The 120 s goal, one run at a time (clean wall times), each from its own empty compile cache, the most telling
+# first: does 0.95 come, and when
 GOAL_FLAGS = ["--hardest-token", *CG, "--stop-at", "0.95"]
 GOAL = [(f"goal_{name}", "star_in_weights.py", [*GOAL_FLAGS, *lever], ["--degree", "5000", "--steps", "6000"])
-        for name, lever in (("cuda_graphs", []), ("merged_sets", ["--merge-sets"]), ("batch4096", ["--batch-size", "4096"]),
-                            ("embed_x60", ["--embed-lr-mult", "60"]), ("lr5e-4", ["--lr", "5e-4"]))]
+        for name, lever in (("cuda_graphs", []), ("regional", REGIONAL), ("regional_merged", [*REGIONAL, *MERGED]),
+                            ("embed_x60", ["--embed-lr-mult", "60"]), ("lr5e-4", ["--lr", "5e-4"]),
+                            ("batch4096", ["--batch-size", "4096"]))]
 STAGES = {1: "done 2026-12-04 (results/gpu_check/): the headline from a cold start, every default for 300 steps, "
              "the bench",
-          2: "one seed twice, without and with --deterministic; the bench profiled in both compile modes, each with "
-             "and without --merge-sets",
-          3: "forward edges and frozen embeddings at their whole budgets",
-          4: "in-context and tree-star at their whole budgets",
-          5: "full path G(5000,5), reverse path, Mamba (kit block) at their whole budgets",
-          6: "pauses 0, staged, full path G(10^4,6) and G(10^4,10) at their whole budgets",
-          7: "the headline's 120 s goal: CUDA graphs, stop at 0.95, from a cold cache; 6,000 steps, with "
-             "--merge-sets, batch 4,096, embedding x60, body LR 5e-4"}
+          2: "one seed twice, without and with --deterministic; the bench profiled in both compile modes, whole "
+             "model, --regional-compile and --merge-sets",
+          3: "the headline's 120 s goal: CUDA graphs, stop at 0.95, each run from a cold cache; 6,000 steps, then "
+             "--regional-compile, with --merge-sets, embedding x60, body LR 5e-4, batch 4,096",
+          4: "forward edges and frozen embeddings at their whole budgets",
+          5: "in-context and tree-star at their whole budgets",
+          6: "full path G(5000,5), reverse path, Mamba (kit block) at their whole budgets",
+          7: "pauses 0, staged, full path G(10^4,6) and G(10^4,10) at their whole budgets"}
 NEXT_STAGE = 2  # the first stage not yet run on a GPU: move it on when a session has run one
 CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120}  # seconds; the last phase gets what is left
 AT_ONCE = ("smoke", "full", "determinism")  # phases whose runs share the GPU; the others run alone, one by one
@@ -204,8 +213,8 @@ def plan(work: str, rehearsal: bool, stage: int = NEXT_STAGE) -> list[tuple[str,
     few = {"TORCHINDUCTOR_COMPILE_THREADS": "2"}  # 2-4 processes on the machine's 8 cores
     if stage == 2:
         return [env_phase, ("determinism", runs(SAME_SEED), few), ("profile", runs(PROFILE), {})]
-    if stage == 7:
-        return [env_phase, ("goal", runs(GOAL), {"TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor_cache_goal")})]
+    if stage == 3:  # "{name}": each run its own cache (run_group fills it in)
+        return [env_phase, ("goal", runs(GOAL), {"TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor_cache_{name}")})]
     return [env_phase, ("full", runs(FULL[stage]), few)]
 
 
@@ -220,9 +229,10 @@ def gpu_memory_gb() -> float:
 
 
 def run_group(runs, env_extra: dict, cap: float, work: str, parallel: int) -> list[dict]:
-    """Start the runs (at most `parallel` at once), stop any still going at `cap` seconds; one log each."""
+    """Start the runs (at most `parallel` at once), stop any still going at `cap` seconds; one log each.
+    "{name}" in an env_extra value becomes the run's name (a compile cache of its own, say)."""
     threads = 1 if parallel > 1 else min(8, os.cpu_count() or 1)  # side by side: one host thread each
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), **env_extra)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
     pending, active, done, start = list(runs), [], [], time.time()
     while pending or active:
         while pending and len(active) < parallel:
@@ -231,8 +241,9 @@ def run_group(runs, env_extra: dict, cap: float, work: str, parallel: int) -> li
             log = open(os.path.join(work, name, "log.txt"), "w")
             log.write(" ".join(argv) + "\n")
             log.flush()
+            run_env = {**env, **{k: v.replace("{name}", name) for k, v in env_extra.items()}}
             active.append((name, argv, log, time.time(), subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                                          cwd=HERE, env=env)))
+                                                                          cwd=HERE, env=run_env)))
         time.sleep(0.5)
         for item in list(active):
             name, argv, log, t0, proc = item

@@ -15,7 +15,7 @@ Commands
     python star_in_weights.py --degree 5000 --reverse-path       # Fig 34 left
     python star_in_weights.py --degree 5000 --recipe staged      # Fig 36: edges, then paths
     python star_in_weights.py --degree 5000 --pauses 0           # Fig 35: 0 pauses against the default 5
-    python star_in_weights.py --degree 5000 --hardest-token --bench [--merge-sets]  # throughput only
+    python star_in_weights.py --degree 5000 --hardest-token --bench [--merge-sets] [--regional-compile]  # speed only
     python star_in_weights.py --quick                            # CPU smoke test, < 1 minute
     OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token          # the headline on a CPU, ~1 min
     OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token --edges forward   # Fig 33 on a CPU, ~2.5 min
@@ -79,6 +79,9 @@ class Config:
                                 "sums); its cost on a GPU is not yet measured (gpu_check.py stage 2)")
     merge_sets: bool = C.arg(False, "GPT: one forward over each step's edges and paths (attention within each set), "
                              "the same loss with ~40%% fewer kernels (inductor, CPU); not yet timed on a GPU")
+    regional_compile: bool = C.arg(False, "compile one layer, used by all l, instead of the whole model: the cold start "
+                                   "(inductor, CPU, 12x64: 65-74 -> 28-30 s for compile + 30 steps); not yet timed on a "
+                                   "GPU, where each layer becomes a call of its own")
     bench: bool = C.arg(False, "only time training steps (steps/s, examples/s, MFU); no evaluation")
     bench_steps: int = C.arg(200, "timed steps for --bench (after 30 warm-up steps)")
     profile: bool = C.arg(False, "with --bench: torch.profiler over 10 more steps; table in profile.txt, launches "
@@ -341,6 +344,7 @@ def train_config(cfg: Config, steps: int, lr: float) -> C.TrainConfig:
                          weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings,
                          embed_lr_mult=cfg.embed_lr_mult, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
                          compile=cfg.compile, compile_mode=cfg.compile_mode, merge_sets=cfg.merge_sets,
+                         regional_compile=cfg.regional_compile,
                          precision="bf16",  # bf16 is safe here: accuracies are argmaxes
                          stop_when=(lambda r: r["test_first_token"] >= cfg.stop_at) if cfg.stop_at > 0 else None)
 
@@ -349,7 +353,8 @@ def bench(cfg, model, sets, device, out: str) -> dict:
     """Time training steps only (the run's own step function): no evaluation inside the window.
     With --profile, profile.txt goes to `out`, the run's output folder."""
     tc = train_config(cfg, cfg.bench_steps, cfg.lr)
-    opt, fwd = C.make_optimizer(model, tc, device), C.try_compile(model, cfg.compile, device, cfg.compile_mode)
+    opt, fwd = C.make_optimizer(model, tc, device), C.try_compile(model, cfg.compile, device, cfg.compile_mode,
+                                                                         cfg.regional_compile)
     C.set_lr(opt, tc.warmup, tc)  # time at the peak LR: the schedule costs nothing anyway
     sampler = C.Sampler(sets, C.batch_shares(sets, cfg.batch_size), cfg.seed)
     warm, fwd = C.time_steps(fwd, model, opt, sampler, tc, device, min(30, cfg.bench_steps))  # compile, allocator

@@ -231,6 +231,37 @@ def test_merged_sets_same_loss_and_gradients(switches):
     assert flat.shape == alone.shape and torch.allclose(flat, alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,merged", [("gpt", False), ("gpt", True), ("mamba", False)])
+def test_regional_compile_shares_weights_and_traces_one_layer(kind, merged, monkeypatch):
+    """--regional-compile: training calls a view of the model whose l layers are compiled. The view shares
+    every parameter with the model, which stays eager (evaluation runs it); the loss and gradients are the
+    model's; and dynamo traces one graph per token-set shape for all l layers, which is where the compile
+    time goes (torch >= 2.5, whose graphs take the parameters as inputs; older torch traces each layer)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(C, "gpu_path", lambda device: True)
+    compile_ = torch.compile  # the tracing is what is checked: skip code generation
+    monkeypatch.setattr(torch, "compile", lambda model, dynamic=None, mode=None: compile_(model, dynamic=dynamic,
+                                                                                          backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    g = C.path_star(12, 5, seed=0)
+    batch = [(s.inputs[:8], s.labels[:8], s.loss_pos) for s in C.in_weights_path_sets(g, 5, "first")[:2]]
+    torch.manual_seed(0)
+    model = C.build_model(kind, C.vocab_size(g.num_nodes), 3, 16, 2, "cpu")
+    view = C.try_compile(model, True, "cpu", regional=True)
+    layers = "blocks" if kind == "gpt" else "mixers"
+    assert view is not model and all(not hasattr(m, "_orig_mod") for m in getattr(model, layers))  # model: eager
+    assert [m._orig_mod for m in getattr(view, layers)] == list(getattr(model, layers))
+    assert {id(p) for p in view.parameters()} == {id(p) for p in model.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = [C.batch_loss(fwd, batch, merged) for fwd in (model, view)]
+    for a, b in zip(*(torch.autograd.grad(loss, params) for loss in losses)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert abs(losses[0].item() - losses[1].item()) < 1e-6
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5):
+        assert counters["stats"]["unique_graphs"] == (1 if merged else 2), dict(counters["stats"])  # not 3x
+
+
 def test_frozen_embeddings_stay_fixed():
     m = tiny_gpt(freeze_embeddings=True)
     before = m.wte.weight.clone()
@@ -591,6 +622,9 @@ GPU_PATH_CASES = {
     "gpt_bench": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3"]),
     "gpt_bench_cuda_graphs": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3",
                                                   "--compile-mode", "reduce-overhead", "--profile"]),
+    "gpt_regional_merged_cuda_graphs": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3",
+                                                            "--compile-mode", "reduce-overhead", "--regional-compile",
+                                                            "--merge-sets"]),
     "mamba": ("star_in_weights", ["--hardest-token", "--model", "mamba", "--layers", "1", "--steps", "4",
                                   "--warmup", "2", "--eval-every", "2"]),  # one layer: dynamo unrolls the scan
     "freeze_embeddings": ("freeze_embeddings", ["--steps", "8", "--warmup", "4", "--eval-every", "4"]),
@@ -638,8 +672,8 @@ def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
         fused.append(opt.defaults["fused"])
         return opt
 
-    def spy_compile(model, enabled, device, mode="default"):
-        out = try_compile(model, enabled, device, mode)
+    def spy_compile(model, enabled, device, mode="default", regional=False):
+        out = try_compile(model, enabled, device, mode, regional)
         if enabled:  # (freeze_embeddings' associative part asks for eager)
             compiled.append(out is not model)
         return out
@@ -680,7 +714,7 @@ def test_gpu_check_plan_parses_as_each_script_would():
         checked += 1
     assert checked == 2 * (len(gpu_check.SMOKE) + len(gpu_check.BENCH) + 1 + len(gpu_check.PROFILE)
                            + len(gpu_check.SAME_SEED) + len(gpu_check.GOAL) + sum(map(len, gpu_check.FULL.values())))
-    assert set(gpu_check.FULL) | {1, 2, 7} == set(gpu_check.STAGES) and gpu_check.NEXT_STAGE in gpu_check.STAGES
+    assert set(gpu_check.FULL) | {1, 2, 3} == set(gpu_check.STAGES) and gpu_check.NEXT_STAGE in gpu_check.STAGES
     headline = next(a for n, a in runs if n == "headline")
     assert headline[2:-2] == ["--hardest-token", "--device", "cuda", "--degree", "5000"]  # the README's command
 
