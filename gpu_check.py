@@ -16,11 +16,12 @@ Stage 2 (what the throughput and the standards need to know first):
              twice with --deterministic, the four side by side: are the science metrics the same (the
              kit's standard), and what do deterministic kernels cost
   profile    the bench with --profile, one after the other: in both compile modes, whole model against
-             --regional-compile (each layer compiled once: 65 -> 28 s of compile on the CPU, the step 6%
-             slower there) and --merge-sets (one forward over a step's edges and paths: ~40% fewer kernels
-             by inductor's count on the CPU): torch.profiler's table and, per step, kernels, launches,
-             graph launches and GPU busy time against wall time, and the first 30 steps' seconds (compile;
-             the default mode's whole-model cache is warm from determinism, every other one cold)
+             --regional-compile (one layer compiled for all 12: compile + 30 steps 65-74 -> 28-30 s on
+             the CPU, the step the same within noise there) and --merge-sets (one forward over a step's
+             edges and paths: ~40% fewer kernels by inductor's count on the CPU): torch.profiler's table
+             and, per step, kernels, launches, graph launches and GPU busy time against wall time, and the
+             first 30 steps' seconds (compile; the default mode's whole-model cache is warm from
+             determinism, every other one cold)
 Stage 3 (the headline's 120 s goal; 239 s cold in the default mode, 85 s warm with CUDA graphs at 0.922):
   env        as above
   goal       the headline with CUDA graphs and --stop-at 0.95, alone, one run after the other, each from an
