@@ -144,6 +144,7 @@ NEXT_STAGE = 2  # the first stage not yet run on a GPU: move it on when a sessio
 CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120}  # seconds; the last phase gets what is left
 AT_ONCE = ("smoke", "full", "determinism")  # phases whose runs share the GPU; the others run alone, one by one
 RESERVE = 25  # seconds kept at the end for the summary and the archive
+FELL_BACK = "torch.compile failed"  # common.try_compile / guarded_step's line when a run goes on eager
 PROGRESS = re.compile(r"^step\s+(\d+)/\d+ \|\s+([\d.]+)s \|.*\| test_first_token ([\d.]+)")
 
 
@@ -290,6 +291,7 @@ def describe(run: dict, work: str) -> dict:
     folder = os.path.join(work, run["name"])
     lines = open(os.path.join(folder, "log.txt")).read().splitlines()
     run["last_line"] = next((ln for ln in reversed(lines) if ln.strip()), "")[:300]
+    run["compile_fell_back"] = any(FELL_BACK in ln for ln in lines)  # a compile lever's run that ran eager
     # the progress lines (common.progress_line), so that a run stopped at its cap still shows its curve
     run["history"] = [{"step": int(m.group(1)), "seconds": float(m.group(2)), "test_first_token": float(m.group(3))}
                       for m in map(PROGRESS.search, lines) if m]
@@ -321,6 +323,9 @@ def table(runs: list[dict]) -> str:
             reached = f"step {reach['step']}, {reach['seconds']:.0f} s into training" if reach else "no"
             rows.append(f"{r['name']} reached 0.95: {reached}; the process's wall time, start-up and compilation "
                         f"included: {r['seconds']} s")
+    for r in (r for r in runs if r.get("compile_fell_back")):
+        rows.append(f"\n{r['name']}: torch.compile failed and the run went on eager (log.txt says why): its "
+                    "speed is not its compile lever's")
     named = {r["name"]: r for r in runs}
     for arm in sorted({r["name"][:-2] for r in runs if r["name"].endswith("_a") and r.get("science")}):
         a, b = named.get(f"{arm}_a"), named.get(f"{arm}_b")

@@ -349,8 +349,11 @@ def test_compile_fallback_covers_the_first_backward(capsys):
     opt = C.make_optimizer(m, tc, "cpu")
     C.set_lr(opt, 1, tc)
     loss, fwd = C.guarded_step(Broken(), m, opt, [(ts.inputs, ts.labels, ts.loss_pos)], tc, "cpu")
-    assert fwd is m and torch.isfinite(loss) and "running eager" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert fwd is m and torch.isfinite(loss) and "running eager" in err
     assert all(s["step"] == 1 for s in opt.state.values())  # exactly one optimizer step was applied
+    import gpu_check  # whose summary flags such a run by this line
+    assert gpu_check.FELL_BACK in err
 
 
 def test_batch_shares_and_sampler_epochs():
@@ -742,6 +745,15 @@ def test_gpu_check_rehearsal_and_caps(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=HERE, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-2000:]  # one seed twice, compared from the two results.json
     assert "same_seed: same seed twice: identical science" in proc.stdout, proc.stdout[-2000:]
+    echo = [sys.executable, "-c", "import os; print(os.environ['CACHE'])"]  # "{name}": each run its own value
+    gpu_check.run_group([("x", echo), ("y", echo)], {"CACHE": "cache_{name}"}, 60.0, str(work), parallel=2)
+    assert [open(work / n / "log.txt").read().split("\n")[1] for n in "xy"] == ["cache_x", "cache_y"]
+    fell = gpu_check.describe({"phase": "goal", "name": "x", "status": "rc=0", "seconds": 1.0}, str(work))
+    assert not fell["compile_fell_back"] and "fell" not in gpu_check.table([fell])
+    with open(work / "x" / "log.txt", "a") as log:
+        log.write(f"{gpu_check.FELL_BACK} at the first step (RuntimeError: ...); running eager\n")
+    fell = gpu_check.describe({"phase": "goal", "name": "x", "status": "rc=0", "seconds": 1.0}, str(work))
+    assert "x: torch.compile failed and the run went on eager" in gpu_check.table([fell])
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     done = gpu_check.run_group([("a", sleeper), ("b", sleeper)], {}, 2.0, str(work), parallel=1)
     assert [(r["name"], r["status"]) for r in done] == [("a", "cap"), ("b", "not started (cap)")]
