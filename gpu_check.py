@@ -126,10 +126,10 @@ FULL = {
 # The 120 s goal, one run at a time (clean wall times), each from its own empty compile cache, the most telling
 # first: does 0.95 come, and when
 GOAL_FLAGS = ["--hardest-token", *CG, "--stop-at", "0.95"]
-GOAL = [(f"goal_{name}", "star_in_weights.py", [*GOAL_FLAGS, *lever], ["--degree", "5000", "--steps", "6000"])
-        for name, lever in (("cuda_graphs", []), ("regional", REGIONAL), ("regional_merged", [*REGIONAL, *MERGED]),
-                            ("embed_x60", ["--embed-lr-mult", "60"]), ("lr5e-4", ["--lr", "5e-4"]),
-                            ("batch4096", ["--batch-size", "4096"]))]
+GOAL = [(f"goal{name}", "star_in_weights.py", [*GOAL_FLAGS, *lever], ["--degree", "5000", "--steps", "6000"])
+        for name, lever in (("", []), ("_regional", REGIONAL), ("_regional_merged", [*REGIONAL, *MERGED]),
+                            ("_embed_x60", ["--embed-lr-mult", "60"]), ("_lr5e-4", ["--lr", "5e-4"]),
+                            ("_batch4096", ["--batch-size", "4096"]))]
 STAGES = {1: "done 2026-12-04 (results/gpu_check/): the headline from a cold start, every default for 300 steps, "
              "the bench",
           2: "one seed twice, without and with --deterministic; the bench profiled in both compile modes, whole "
@@ -343,7 +343,26 @@ def table(runs: list[dict]) -> str:
         rows.append(f"\n{timed['name']}: " + ", ".join(f"{k} {timed['speed'][k]}" for k in keep if k in timed["speed"]))
         if "profile" in timed["speed"]:  # per step, after the timed window: launches against GPU busy time
             rows.append(f"{timed['name']} profiled: " + ", ".join(f"{k} {v}" for k, v in timed["speed"]["profile"].items()))
-    return "\n".join(rows)
+    return "\n".join(rows + lever_rows(runs))
+
+
+def lever_rows(runs: list[dict]) -> list[str]:
+    """Each lever's run against its base, the run of its phase whose name is the longest prefix of its own
+    (bench_profile_cuda_graphs_regional against bench_profile_cuda_graphs, goal_embed_x60 against goal):
+    steps/s, the first 30 steps' seconds (the compile) and, for the goal, when 0.95 came and the wall time."""
+    timed = {r["name"]: r for r in runs if r.get("speed")}
+    rows = []
+    for name, r in timed.items():
+        bases = [b for b in timed if name.startswith(b + "_") and timed[b]["phase"] == r["phase"]]
+        if not bases:
+            continue
+        base = timed[max(bases, key=len)]
+        pair = lambda key, a=r["speed"], b=base["speed"]: f"{key} {a.get(key)} against {b.get(key)}"  # noqa: E731
+        parts = [pair("steps_per_s")] + ([pair("warmup_seconds")] if "warmup_seconds" in r["speed"] else [])
+        if r["phase"] == "goal":
+            parts += [pair("seconds_to_95pct"), f"wall s {r['seconds']} against {base['seconds']}"]
+        rows.append(f"{name} against {base['name']}: " + ", ".join(parts))
+    return (["\nEach lever against its base:"] + rows) if rows else []
 
 
 def main(argv=None) -> int:

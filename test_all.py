@@ -824,6 +824,28 @@ def test_gpu_check_reads_the_kit_progress_lines():
     assert "headline reached 0.95: step 250, 12 s into training" in gpu_check.table([run])
 
 
+def test_gpu_check_levers_against_their_base():
+    """Stage 2's and 3's summary sets each lever's run beside its base (the longest name that prefixes its
+    own in its phase), so that the next session reads off what to make the default."""
+    import gpu_check
+
+    def run(phase, name, steps_per_s, warmup, to_95=None, wall=100.0):
+        speed = {"steps_per_s": steps_per_s, "warmup_seconds": warmup, "seconds_to_95pct": to_95}
+        return {"phase": phase, "name": name, "status": "rc=0", "seconds": wall, "last_line": "", "speed": speed}
+    rows = gpu_check.lever_rows([run("profile", "bench_profile", 29.2, 5.0),
+                                 run("profile", "bench_profile_cuda_graphs", 63.5, 52.0),
+                                 run("profile", "bench_profile_cuda_graphs_regional", 50.1, 20.3),
+                                 run("goal", "goal", 55.0, 60.0, 80.0, 150.0),
+                                 run("goal", "goal_regional", 45.0, 25.0, 90.0, 120.0)])
+    assert rows[0] == "\nEach lever against its base:" and len(rows) == 4, rows
+    assert ("bench_profile_cuda_graphs_regional against bench_profile_cuda_graphs: steps_per_s 50.1 against 63.5, "
+            "warmup_seconds 20.3 against 52.0") in rows
+    assert "bench_profile_cuda_graphs against bench_profile: steps_per_s 63.5 against 29.2, warmup_seconds 52.0 against 5.0" in rows
+    assert ("goal_regional against goal: steps_per_s 45.0 against 55.0, warmup_seconds 25.0 against 60.0, "
+            "seconds_to_95pct 90.0 against 80.0, wall s 120.0 against 150.0") in rows
+    assert gpu_check.lever_rows([run("goal", "goal", 55.0, 60.0)]) == []
+
+
 def test_compile_modes_are_torch_compile_modes():
     m = tiny_gpt()
     for mode in C.COMPILE_MODES:  # torch.compile checks the mode when it wraps (it compiles lazily)
