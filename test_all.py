@@ -625,6 +625,8 @@ GPU_PATH_CASES = {
     "gpt_bench": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3"]),
     "gpt_bench_cuda_graphs": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3",
                                                   "--compile-mode", "reduce-overhead", "--profile"]),
+    "gpt_regional": ("star_in_weights", ["--hardest-token", "--regional-compile", "--stop-at", "0.99", "--steps", "12",
+                                         "--warmup", "4", "--eval-every", "6"]),  # train(), evaluation eager
     "gpt_regional_merged_cuda_graphs": ("star_in_weights", ["--hardest-token", "--bench", "--bench-steps", "3",
                                                             "--compile-mode", "reduce-overhead", "--regional-compile",
                                                             "--merge-sets"]),
@@ -667,7 +669,7 @@ def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
         compile_ = torch.compile
         monkeypatch.setattr(torch, "compile", lambda model, dynamic=None, mode=None: compile_(
             model, dynamic=dynamic, backend="aot_eager"))
-    fused, compiled = [], []
+    fused, compiled, regional_asked = [], [], []
     make_optimizer, try_compile = C.make_optimizer, C.try_compile
 
     def spy_optimizer(*a, **k):
@@ -679,6 +681,7 @@ def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
         out = try_compile(model, enabled, device, mode, regional)
         if enabled:  # (freeze_embeddings' associative part asks for eager)
             compiled.append(out is not model)
+            regional_asked.append(regional)
         return out
 
     monkeypatch.setattr(C, "make_optimizer", spy_optimizer)
@@ -690,6 +693,7 @@ def test_gpu_path_on_cpu(case, tmp_path, monkeypatch, capfd):
     res = json.load(open(tmp_path / "results.json"))
     assert res["device"] == "cpu" and fused and all(fused), (fused, err[-500:])
     assert compiled and all(compiled), compiled
+    assert all(regional_asked) == ("--regional-compile" in args), regional_asked  # the flag reaches try_compile
     if case not in INDUCTOR_CASES or shutil.which("g++") or shutil.which("c++"):  # inductor's CPU code needs one
         assert "torch.compile failed" not in err, err[-1000:]
     precision = res.get("precision") or res.get("data", {}).get("precision")
