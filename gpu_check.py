@@ -27,8 +27,9 @@ Stage 3 (the headline's 120 s goal; 239 s cold in the default mode, 85 s warm wi
   goal       the headline with CUDA graphs and --stop-at 0.95, alone, one run after the other, each from an
              empty compile cache (a user's first run): over 6,000 steps (margin), then with the levers,
              most telling first: --regional-compile (the cold start), with --merge-sets too, an embedding
-             LR x60 and a body LR 5e-4 (the recipe study's), batch 4,096 (throughput). ~2-3 min each: the
-             last may not start; reorder GOAL by what stage 2 measured before running it
+             LR x60 and a body LR 5e-4 (the recipe study's), batch 4,096 (throughput). ~2-3 min each
+             (estimated, not measured): the last may not start; reorder GOAL by what stage 2 measured
+             before running it
 Stages 4-7 (the other defaults at their whole budgets):
   env        as above
   full       a few defaults at their whole budgets, side by side, with --compile-mode reduce-overhead
@@ -103,7 +104,7 @@ REGIONAL, MERGED = ["--regional-compile"], ["--merge-sets"]
 # where the step's time goes: the default mode's 35-45 ms (host-bound, drifting within a run), the CUDA-graph
 # step's 16 ms (the way past 14.5x the release); what compiling one layer instead of the whole model saves of the
 # cold start and costs per step (12 compiled calls a forward, each with its own guards and graph launch), and what
-# one forward over the edges and paths saves; the first ~30 s (cache warm), the others ~40-100 s (cold compiles)
+# one forward over the edges and paths saves; the first ~30 s (cache warm), the others ~40-100 s (cold compiles; estimates)
 PROFILE = [(f"bench_profile{name}", "star_in_weights.py", ["--hardest-token", "--bench", "--profile", *flags],
             ["--degree", "5000"])
            for name, flags in (("", []), ("_cuda_graphs", CG), ("_cuda_graphs_regional", [*CG, *REGIONAL]),

@@ -353,8 +353,8 @@ def bench(cfg, model, sets, device, out: str) -> dict:
     """Time training steps only (the run's own step function): no evaluation inside the window.
     With --profile, profile.txt goes to `out`, the run's output folder."""
     tc = train_config(cfg, cfg.bench_steps, cfg.lr)
-    opt, fwd = C.make_optimizer(model, tc, device), C.try_compile(model, cfg.compile, device, cfg.compile_mode,
-                                                                         cfg.regional_compile)
+    opt, fwd = C.make_optimizer(model, tc, device), C.try_compile(model, tc.compile, device, tc.compile_mode,
+                                                                         tc.regional_compile)  # as train() does
     C.set_lr(opt, tc.warmup, tc)  # time at the peak LR: the schedule costs nothing anyway
     sampler = C.Sampler(sets, C.batch_shares(sets, cfg.batch_size), cfg.seed)
     warm, fwd = C.time_steps(fwd, model, opt, sampler, tc, device, min(30, cfg.bench_steps))  # compile, allocator
