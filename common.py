@@ -1265,11 +1265,14 @@ def use_deterministic(on: bool) -> None:
     torch.use_deterministic_algorithms(on, warn_only=True)
 
 
-def setup_run(cfg, script: str) -> tuple[str, str]:
-    """Seed everything, pick the device, set deterministic kernels on or off (cfg.deterministic, where the
-    script has it), and make the output folder (default runs/<script>/)."""
+def setup_run(cfg, script: str, deterministic: bool | None = None) -> tuple[str, str]:
+    """Seed everything, pick the device, set deterministic kernels on or off (`deterministic` where the script
+    fixes it, else cfg.deterministic where the script has the flag, else off), and make the output folder
+    (default runs/<script>/)."""
     set_seed(cfg.seed)
-    use_deterministic(bool(getattr(cfg, "deterministic", False)))  # set either way: a process may run several
+    if deterministic is None:
+        deterministic = bool(getattr(cfg, "deterministic", False))
+    use_deterministic(deterministic)  # set either way: a process may run several
     device = resolve_device(cfg.device)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -567,6 +567,28 @@ def test_deterministic_flag(tmp_path, monkeypatch):
     assert gpu_check.first_difference(*map(gpu_check.science, runs)) == ""  # histories, metrics, verdict value
 
 
+def test_tiny_scripts_always_use_deterministic_kernels(tmp_path, monkeypatch):
+    """tiny_graphs and node2vec_spectral take no --deterministic: their fp32 runs of KB-sized tensors ask for
+    deterministic kernels always (same seed, same margins and spectra on a GPU too; no cost at that size)."""
+    import node2vec_spectral
+    import tiny_graphs
+    seen, setup_run = [], C.setup_run
+
+    class Stop(Exception):
+        pass
+
+    def record(*a, **k):  # the real setup, then stop before any training
+        setup_run(*a, **k)
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        raise Stop
+    monkeypatch.setattr(C, "setup_run", record)
+    for mod in (tiny_graphs, node2vec_spectral):
+        cfg = C.cli(mod.Config, "", mod.QUICK, mod.validate, argv=["--quick", "--out", str(tmp_path / mod.SCRIPT)])
+        with pytest.raises(Stop):
+            mod.run(cfg)
+    assert seen == [True, True]
+
+
 @needs_cuda
 def test_deterministic_cuda_same_seed(tmp_path):
     """On a GPU, --deterministic must give one seed the same science twice (compiled, bf16)."""

@@ -464,7 +464,7 @@ def run_regularizers(cfg: Config, device, out) -> tuple[list[dict], dict]:
 def run(cfg: Config) -> dict:
     if cfg.study == "regularizers" and not cfg.out:
         cfg = dataclasses.replace(cfg, out=f"runs/{SCRIPT}_regularizers")
-    device, out = C.setup_run(cfg, SCRIPT)
+    device, out = C.setup_run(cfg, SCRIPT, deterministic=True)  # same seed, same signs on a GPU; free at this size
     if device == "cpu":
         torch.set_num_threads(1)  # tensors of a few KB: threads only add overhead (and fight neighbours)
     else:  # true fp32: TF32 matmuls round like bf16's mantissa and can flip small margins too
