@@ -1414,7 +1414,8 @@ def write_results(out: str, script: str, claim: str, cfg, device: str, seconds: 
     """results.json: the science (`metrics`, `history`, `verdict`) and, apart, `speed` (wall clock)."""
     metrics, moved = split_speed(metrics)
     results = {"script": script, "claim": claim, "config": dataclasses.asdict(cfg), "device": device,
-               "torch": torch.__version__, "seconds": round(seconds, 2), "metrics": metrics,
+               "torch": torch.__version__, "deterministic_kernels": torch.are_deterministic_algorithms_enabled(),
+               "seconds": round(seconds, 2), "metrics": metrics,
                "speed": {**moved, **(speed or {})}, "history": history, "verdict": result_verdict, **extra}
     write_json(os.path.join(out, "results.json"), results)
     v = result_verdict
