@@ -26,14 +26,15 @@ Stage 3 (the headline's 120 s goal; 239 s cold in the default mode, 85 s warm wi
   env        as above
   goal       the headline with CUDA graphs and --stop-at 0.95, alone, one run after the other, each from an
              empty compile cache (a user's first run): over 6,000 steps (margin), then with the levers,
-             most telling first: --regional-compile (the cold start), with --merge-sets too, an embedding
-             LR x60 and a body LR 5e-4 (the recipe study's), batch 4,096 (throughput). ~2-3 min each
-             (estimated, not measured): the last may not start; reorder GOAL by what stage 2 measured
-             before running it
-Stages 4-7 (the other defaults at their whole budgets):
+             most telling first: an embedding LR x60 (on the CPU it lifted the 12x384 off zero sooner),
+             --regional-compile (the cold start), with --merge-sets too, batch 4,096 (throughput), a body
+             LR 5e-4 (slower and unsteady on the CPU). ~2-3 min each (estimated, not measured): the last
+             may not start; reorder GOAL by what stage 2 measured before running it
+Stages 4-9 (the other defaults at their whole budgets):
   env        as above
-  full       a few defaults at their whole budgets, side by side, with --compile-mode reduce-overhead
-             (speed only; the Mamba without), the failure claims first: see STAGES and FULL below
+  full       the defaults at their whole budgets with --compile-mode reduce-overhead (speed only), two at a
+             time, the failure claims first, each stage sized to fit one call by ESTIMATE (`--plan` prints
+             it): see STAGES and FULL below
 Nothing of a run is lost at a cap: its log holds the progress lines so far. NEXT_STAGE names the first
 stage not yet run; a session that runs one moves it on.
 
@@ -109,38 +110,73 @@ PROFILE = [(f"bench_profile{name}", "star_in_weights.py", ["--hardest-token", "-
             ["--degree", "5000"])
            for name, flags in (("", []), ("_cuda_graphs", CG), ("_cuda_graphs_regional", [*CG, *REGIONAL]),
                                ("_cuda_graphs_merged", [*CG, *MERGED]), ("_merged", MERGED), ("_regional", REGIONAL))]
-# The defaults at their whole budgets, with CUDA graphs (the Mamba's compiled scan without: not yet tried under
-# them), a few per session: ~130 s of GPU per 8,000 steps of the 12x384 at G(5000,5), 2 arms each, side by side
+# The defaults at their whole budgets, with CUDA graphs, two at a time (LANES), each stage sized by ESTIMATE to fit
+# one call, the failure claims first; in a stage the run most likely to overrun comes last, so that only it is lost
 FULL = {
     4: [("forward_edges", "star_in_weights.py", ["--hardest-token", "--edges", "forward", *CG], ["--degree", "5000"]),
-        ("freeze_embeddings", "freeze_embeddings.py", CG, [])],  # the failure claims first
-    5: [("star_in_context", "star_in_context.py", CG, []), ("tree_star", "tree_star.py", CG, [])],
-    6: [("full_path", "star_in_weights.py", CG, ["--degree", "5000"]),
+        ("freeze_embeddings", "freeze_embeddings.py", CG, []),
+        ("full_path", "star_in_weights.py", CG, ["--degree", "5000"])],
+    5: [("star_in_context", "star_in_context.py", CG, []),
         ("reverse_path", "star_in_weights.py", ["--reverse-path", *CG], ["--degree", "5000"]),
-        ("mamba", "star_in_weights.py", ["--hardest-token", "--model", "mamba"], ["--degree", "5000"])],
-    7: [("pauses0", "star_in_weights.py", ["--pauses", "0", *CG], ["--degree", "5000"]),
-        ("staged", "star_in_weights.py", ["--hardest-token", "--recipe", "staged", *CG], ["--degree", "5000"]),
-        ("full_path_d10000_l6", "star_in_weights.py", CG, ["--degree", "10000", "--path-length", "6"]),
-        ("full_path_d10000_l10", "star_in_weights.py", CG,
-         ["--degree", "10000", "--path-length", "10", "--width", "784"])],
+        # stage 1's compiled scan made 3.5 steps/s without graphs, beside two other runs (4,000 steps at that rate:
+        # ~19 min, past a call): with them it is untried; last, so that an overrun (or a fallback) costs only itself
+        ("mamba", "star_in_weights.py", ["--hardest-token", "--model", "mamba", *CG], ["--degree", "5000"])],
+    6: [("tree_star", "tree_star.py", CG, []),
+        ("pauses0", "star_in_weights.py", ["--pauses", "0", *CG], ["--degree", "5000"])],
+    7: [("staged", "star_in_weights.py", ["--hardest-token", "--recipe", "staged", *CG], ["--degree", "5000"])],
+    8: [("full_path_d10000_l10", "star_in_weights.py", CG, ["--degree", "10000", "--path-length", "10", "--width", "784"])],
+    9: [("full_path_d10000_l6", "star_in_weights.py", CG, ["--degree", "10000", "--path-length", "6"])],
 }
+LANES = {"full": 2}  # runs at once in these phases (the others in AT_ONCE: all of them): an overrun stops the last
+# Sizing the whole-budget stages, an estimate (not a measurement) of each run alone on the GPU with CUDA graphs:
+# the training steps of each arm x its TFLOP a step / TFLOP/s, plus evaluations x seconds each. TFLOP a step:
+# common.estimate_flops_per_step on the run's own data and model (read on the CPU by capturing its train() calls;
+# test_gpu_check_estimates_match_the_runs checks the first of each). TFLOP/s: 43.5, the CUDA-graph headline's
+# (0.731 TFLOP a step at 59.4 steps/s over 4,000 steps); 62 for the width-784 model (its default-mode smoke made
+# 62 at 4.19 TFLOP a step). Seconds an evaluation: stage 1's smoke runs, eval_seconds over evaluations (an upper
+# bound: 15 runs shared the GPU then; G(10^4,6) had none, so G(10^4,10)'s). The Mamba's is its FLOPs only.
+ESTIMATE = {  # name: ([(steps, TFLOP a step) per arm or stage], TFLOP/s, evaluations, seconds an evaluation)
+    "forward_edges": ([(4000, 0.825), (4000, 0.853)], 43.5, 34, 1.0),  # the arm; its control, both directions
+    "freeze_embeddings": ([(10, 0.0001), (4000, 0.731), (4000, 0.731)], 43.5, 34, 0.15),  # (a); (b) frozen, trainable
+    "full_path": ([(4000, 0.853)], 43.5, 17, 2.65),
+    "star_in_context": ([(6000, 1.021), (6000, 1.021)], 43.5, 50, 0.46),  # next-token, reverse
+    "reverse_path": ([(4000, 0.853)], 43.5, 17, 2.65),
+    "mamba": ([(4000, 0.440)], 43.5, 17, 0.6),
+    "tree_star": ([(4000, 1.035), (4000, 1.035)], 43.5, 34, 1.7),  # split at the leaf, at the first token
+    "pauses0": ([(4000, 0.741), (4000, 0.853)], 43.5, 34, 1.85),  # 0 pauses; the control's 5
+    "staged": ([(10000, 0.618), (4000, 1.928)], 43.5, 57, 1.5),  # edges alone, then paths alone
+    "full_path_d10000_l10": ([(4000, 4.189)], 62.0, 17, 6.7),
+    "full_path_d10000_l6": ([(4000, 1.044)], 43.5, 17, 6.7),
+}
+STAGE_SECONDS = 485  # what a call leaves the runs: --budget 570 less RESERVE, env (~8 s) and a cold compile (~52 s)
+
+
+def estimate_seconds(name: str) -> float:
+    arms, tflops, evals, per_eval = ESTIMATE[name]
+    return sum(steps * tflop for steps, tflop in arms) / tflops + evals * per_eval
+
+
 # The 120 s goal, one run at a time (clean wall times), each from its own empty compile cache, the most telling
-# first: does 0.95 come, and when
+# first: does 0.95 come, and when. The 12x384 on G(200,5) on the CPU (seed 0, README "Recipe study"): embedding
+# x60 was off zero at step 250 (0.22, 0.74 at 500) where x30 was at 0.00 to step 500; body LR 5e-4 dipped
+# (0.72 -> 0.48) and reached 0.90 an evaluation later
 GOAL_FLAGS = ["--hardest-token", *CG, "--stop-at", "0.95"]
 GOAL = [(f"goal{name}", "star_in_weights.py", [*GOAL_FLAGS, *lever], ["--degree", "5000", "--steps", "6000"])
-        for name, lever in (("", []), ("_regional", REGIONAL), ("_regional_merged", [*REGIONAL, *MERGED]),
-                            ("_embed_x60", ["--embed-lr-mult", "60"]), ("_lr5e-4", ["--lr", "5e-4"]),
-                            ("_batch4096", ["--batch-size", "4096"]))]
+        for name, lever in (("", []), ("_embed_x60", ["--embed-lr-mult", "60"]), ("_regional", REGIONAL),
+                            ("_regional_merged", [*REGIONAL, *MERGED]), ("_batch4096", ["--batch-size", "4096"]),
+                            ("_lr5e-4", ["--lr", "5e-4"]))]
 STAGES = {1: "done 2026-12-04 (results/gpu_check/): the headline from a cold start, every default for 300 steps, "
              "the bench",
           2: "one seed twice, without and with --deterministic; the bench profiled in both compile modes, whole "
              "model, --regional-compile and --merge-sets",
           3: "the headline's 120 s goal: CUDA graphs, stop at 0.95, each run from a cold cache; 6,000 steps, then "
-             "--regional-compile, with --merge-sets, embedding x60, body LR 5e-4, batch 4,096",
-          4: "forward edges and frozen embeddings at their whole budgets",
-          5: "in-context and tree-star at their whole budgets",
-          6: "full path G(5000,5), reverse path, Mamba (kit block) at their whole budgets",
-          7: "pauses 0, staged, full path G(10^4,6) and G(10^4,10) at their whole budgets"}
+             "embedding x60, --regional-compile, with --merge-sets, batch 4,096, body LR 5e-4",
+          4: "forward edges, frozen embeddings and the full path G(5000,5) at their whole budgets",
+          5: "in-context, reverse path and the Mamba (kit block) at their whole budgets",
+          6: "tree-star and pauses 0 at their whole budgets",
+          7: "staged training at its whole budget",
+          8: "the full path G(10^4,10) at width 784 at its whole budget",
+          9: "the full path G(10^4,6) at its whole budget"}
 NEXT_STAGE = 2  # the first stage not yet run on a GPU: move it on when a session has run one
 CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120}  # seconds; the last phase gets what is left
 AT_ONCE = ("smoke", "full", "determinism")  # phases whose runs share the GPU; the others run alone, one by one
@@ -398,7 +434,11 @@ def main(argv=None) -> int:
     if args.plan:
         for phase, runs, env in phases:
             for name, cmd in runs:
-                print(f"[{phase}] {name}: {' '.join(cmd)}" + (f"   (env {env})" if env else ""))
+                est = f"   (estimate {estimate_seconds(name):.0f} s)" if phase == "full" else ""
+                print(f"[{phase}] {name}: {' '.join(cmd)}" + (f"   (env {env})" if env else "") + est)
+            if phase == "full":
+                print(f"[{phase}] estimated {sum(estimate_seconds(n) for n, _ in runs):.0f} s of {STAGE_SECONDS} s, "
+                      f"{LANES[phase]} at a time")
         return 0
     if args.parallel == 0:  # asked of nvidia-smi only when something will run
         args.parallel = max(len(runs) for _, runs, _ in phases) if gpu_memory_gb() >= 70 else 6
@@ -417,7 +457,7 @@ def main(argv=None) -> int:
                          "last_line": ""} for n, a in runs]
             continue
         print(f"[gpu_check] {phase}: {len(runs)} run(s), cap {cap:.0f} s", flush=True)
-        parallel = args.parallel if phase in AT_ONCE else 1
+        parallel = min(args.parallel, LANES.get(phase, args.parallel)) if phase in AT_ONCE else 1
         t0 = time.time()
         for r in run_group(runs, env, cap, args.work, parallel):
             results.append(describe({"phase": phase, **r}, args.work) if r["status"] != "not started (cap)"

@@ -1394,6 +1394,48 @@ def test_default_configuration_at_paper_scale(script, args, vocab, rows, tmp_pat
         assert 0 <= res["metrics"]["edge_topk"] <= 1 and res["metrics"]["geometry_path_diag"] > 0
 
 
+def test_gpu_check_stages_fit_their_call():
+    """Every whole-budget run has an estimate, and each stage's runs fit the seconds a call leaves them (an
+    overloaded stage would stop its runs at the cap, their verdicts lost); only the 'full' phase runs in lanes."""
+    import gpu_check
+    for stage, specs in gpu_check.FULL.items():
+        names = [name for name, *_ in specs]
+        assert set(names) <= set(gpu_check.ESTIMATE), stage
+        assert sum(map(gpu_check.estimate_seconds, names)) <= gpu_check.STAGE_SECONDS, (stage, names)
+    assert sorted(gpu_check.ESTIMATE) == sorted(name for specs in gpu_check.FULL.values() for name, *_ in specs)
+    assert gpu_check.STAGE_SECONDS <= 570 - gpu_check.RESERVE - 60 and set(gpu_check.LANES) == {"full"}
+
+
+@pytest.mark.paper_scale
+def test_gpu_check_estimates_match_the_runs(monkeypatch, tmp_path):
+    """The TFLOP a step and the steps that size the GPU stages are each run's own: its first train() call, on its
+    real data and model (built here on the CPU, nothing trained), as common.estimate_flops_per_step counts it."""
+    import importlib
+    import gpu_check
+
+    class Stop(Exception):
+        pass
+
+    def first_call(model, sets, tc, *a, **k):
+        shares, mc = C.batch_shares(sets, tc.batch_size), model.cfg
+        seen.append((tc.steps, C.estimate_flops_per_step(C.count_params(model)["non_embedding"], mc.n_embd,
+                                                         mc.n_layer, mc.vocab_size,
+                                                         [(b, t.inputs.shape[1], len(t.loss_pos)) for b, t in
+                                                          zip(shares, sets)]) / 1e12))
+        raise Stop
+    monkeypatch.setattr(C, "train", first_call)
+    monkeypatch.setattr(C, "cpu_time_check", lambda *a, **k: None)  # it would time two steps at paper width
+    for name, argv in (r for stage in gpu_check.FULL for _, group, _ in gpu_check.plan(str(tmp_path), False, stage)
+                       for r in group if r[0] != "env"):
+        script = importlib.import_module(os.path.basename(argv[1])[:-3])
+        cfg = C.cli(script.Config, "", script.QUICK, script.validate, argv=["cpu" if a == "cuda" else a for a in argv[2:]])
+        seen = []
+        with pytest.raises(Stop):
+            script.run(cfg)
+        steps, tflop = gpu_check.ESTIMATE[name][0][0]
+        assert seen[0][0] == steps and seen[0][1] == pytest.approx(tflop, rel=0.01, abs=5e-4), (name, seen)
+
+
 # The paper's widths, constructed once (no training): parameter count and one forward pass, so that a
 # shape error at the real size shows on the CPU.
 @pytest.mark.parametrize("kind,vocab,layers,width,heads,seq", [
