@@ -1394,10 +1394,15 @@ def test_default_configuration_at_paper_scale(script, args, vocab, rows, tmp_pat
         assert 0 <= res["metrics"]["edge_topk"] <= 1 and res["metrics"]["geometry_path_diag"] > 0
 
 
-def test_gpu_check_stages_fit_their_call():
+def test_gpu_check_stages_fit_their_call(tmp_path, monkeypatch):
     """Every whole-budget run has an estimate, and each stage's runs fit the seconds a call leaves them (an
-    overloaded stage would stop its runs at the cap, their verdicts lost); only the 'full' phase runs in lanes."""
+    overloaded stage would stop its runs at the cap, their verdicts lost); the 'full' phase runs two at a time."""
     import gpu_check
+    lanes = []
+    monkeypatch.setattr(gpu_check, "run_group", lambda runs, env, cap, work, parallel: lanes.append(parallel) or [])
+    assert gpu_check.main(["--cpu-rehearsal", "--stage", "4", "--out", str(tmp_path / "o"),
+                           "--work", str(tmp_path / "w")]) == 0
+    assert lanes == [1, 2]  # env alone, then the three whole-budget runs two at a time
     for stage, specs in gpu_check.FULL.items():
         names = [name for name, *_ in specs]
         assert set(names) <= set(gpu_check.ESTIMATE), stage
