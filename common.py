@@ -1501,13 +1501,18 @@ def path_error_kinds(model, g: Graph, ts: TokenSet, paths: np.ndarray) -> dict:
             "not_a_node": per_position(not_node)}
 
 
+def model_flops_per_step(model: nn.Module, sets: list[TokenSet], batch_size: int) -> float:
+    """estimate_flops_per_step of one training step of `model` on a mixed batch of `sets` (train()'s shares)."""
+    cfg, shares = model.cfg, batch_shares(sets, batch_size)
+    return estimate_flops_per_step(count_params(model)["non_embedding"], cfg.n_embd, cfg.n_layer, cfg.vocab_size,
+                                   [(b, s.inputs.shape[1], len(s.loss_pos)) for b, s in zip(shares, sets)])
+
+
 def training_speed(model: nn.Module, sets: list[TokenSet], batch_size: int, steps: int, seconds: float) -> dict:
     """Throughput of a finished `train` run (seconds = its train_seconds, evaluation excluded):
     steps/s, examples/s and the achieved model TFLOP/s from estimate_flops_per_step."""
-    shares = batch_shares(sets, batch_size)
-    cfg, seconds = model.cfg, max(seconds, 1e-9)
-    flops = estimate_flops_per_step(count_params(model)["non_embedding"], cfg.n_embd, cfg.n_layer, cfg.vocab_size,
-                                    [(b, s.inputs.shape[1], len(s.loss_pos)) for b, s in zip(shares, sets)])
+    shares, seconds = batch_shares(sets, batch_size), max(seconds, 1e-9)
+    flops = model_flops_per_step(model, sets, batch_size)
     return {"steps_per_s": round(steps / seconds, 2), "examples_per_s": round(sum(shares) * steps / seconds, 1),
             "model_tflops_per_s": round(flops * steps / seconds / 1e12, 4)}
 

@@ -130,7 +130,7 @@ FULL = {
 LANES = {"full": 2}  # runs at once in these phases (the others in AT_ONCE: all of them): an overrun stops the last
 # Sizing the whole-budget stages, an estimate (not a measurement) of each run alone on the GPU with CUDA graphs:
 # the training steps of each arm x its TFLOP a step / TFLOP/s, plus evaluations x seconds each. TFLOP a step:
-# common.estimate_flops_per_step on the run's own data and model (read on the CPU by capturing its train() calls;
+# common.model_flops_per_step on the run's own data and model (read on the CPU by capturing its train() calls;
 # test_gpu_check_estimates_match_the_runs checks the first of each). TFLOP/s: 43.5, the CUDA-graph headline's
 # (0.731 TFLOP a step at 59.4 steps/s over 4,000 steps); 62 for the width-784 model (its default-mode smoke made
 # 62 at 4.19 TFLOP a step). Seconds an evaluation: stage 1's smoke runs, eval_seconds over evaluations (an upper

@@ -1414,7 +1414,7 @@ def test_gpu_check_stages_fit_their_call(tmp_path, monkeypatch):
 @pytest.mark.paper_scale
 def test_gpu_check_estimates_match_the_runs(monkeypatch, tmp_path):
     """The TFLOP a step and the steps that size the GPU stages are each run's own: its first train() call, on its
-    real data and model (built here on the CPU, nothing trained), as common.estimate_flops_per_step counts it."""
+    real data and model (built here on the CPU, nothing trained), as common.model_flops_per_step counts it."""
     import importlib
     import gpu_check
 
@@ -1422,11 +1422,7 @@ def test_gpu_check_estimates_match_the_runs(monkeypatch, tmp_path):
         pass
 
     def first_call(model, sets, tc, *a, **k):
-        shares, mc = C.batch_shares(sets, tc.batch_size), model.cfg
-        seen.append((tc.steps, C.estimate_flops_per_step(C.count_params(model)["non_embedding"], mc.n_embd,
-                                                         mc.n_layer, mc.vocab_size,
-                                                         [(b, t.inputs.shape[1], len(t.loss_pos)) for b, t in
-                                                          zip(shares, sets)]) / 1e12))
+        seen.append((tc.steps, C.model_flops_per_step(model, sets, tc.batch_size) / 1e12))
         raise Stop
     monkeypatch.setattr(C, "train", first_call)
     monkeypatch.setattr(C, "cpu_time_check", lambda *a, **k: None)  # it would time two steps at paper width
