@@ -839,6 +839,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 REPEATED_LAYERS = ("blocks", "mixers")  # GPT's and MambaLM's stacks of identical layers
+COMPILE_FELL_BACK = "torch.compile failed"  # opens the stderr line of a run that goes on eager (gpu_check reads it)
 
 
 def try_compile(model: nn.Module, enabled: bool, device, mode: str = "default", regional: bool = False) -> nn.Module:
@@ -863,7 +864,7 @@ def try_compile(model: nn.Module, enabled: bool, device, mode: str = "default", 
             return view
         return torch.compile(model, dynamic=False, mode=mode)
     except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-        print(f"torch.compile failed ({type(exc).__name__}: {exc}); running eager", file=sys.stderr)
+        print(f"{COMPILE_FELL_BACK} ({type(exc).__name__}: {exc}); running eager", file=sys.stderr)
         return model
 
 
@@ -889,7 +890,7 @@ def guarded_step(fwd: nn.Module, model: nn.Module, opt, batch, tc: TrainConfig, 
     except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
         if fwd is model:
             raise
-        print(f"torch.compile failed at the first step ({type(exc).__name__}: {str(exc)[:200]}); running eager",
+        print(f"{COMPILE_FELL_BACK} at the first step ({type(exc).__name__}: {str(exc)[:200]}); running eager",
               file=sys.stderr)
         return optimizer_step(model, model, opt, batch, tc, device), model
 

@@ -181,7 +181,7 @@ NEXT_STAGE = 2  # the first stage not yet run on a GPU: move it on when a sessio
 CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120}  # seconds; the last phase gets what is left
 AT_ONCE = ("smoke", "full", "determinism")  # phases whose runs share the GPU; the others run alone, one by one
 RESERVE = 25  # seconds kept at the end for the summary and the archive
-FELL_BACK = "torch.compile failed"  # common.try_compile / guarded_step's line when a run goes on eager
+FELL_BACK = "torch.compile failed"  # common.COMPILE_FELL_BACK (a test ties them; this file imports no torch)
 PROGRESS = re.compile(r"^step\s+(\d+)/\d+ \|\s+([\d.]+)s \|.*\| test_first_token ([\d.]+)")
 
 
