@@ -8,6 +8,7 @@ with d, and does the old default (multiplier 1, weight decay 0.01) get there at 
 Commands
     python recipe_study.py --run                 # run the sweeps (resumes; ~1 h on one CPU core)
     python recipe_study.py                       # aggregate: table, fit and figure into --out
+    python recipe_study.py --levers              # the paper's 12x384: the levers' table and curves
 Each sweep is a plain `sweep.py` call (printed before it runs), so any one can be rerun or extended
 by hand. Proxy model: GPT 4x128, 4 heads, batch 256, warmup 300, eval every 250 steps, cap 4,000
 steps, stop at 90% held out (`--stop-at 0.9`), CPU with one thread per point.
@@ -15,11 +16,18 @@ steps, stop at 90% held out (`--stop-at 0.9`), CPU with one thread per point.
 Outputs in --out (default results/recipe_study/): study.md (the table and the fits), study.csv (one
 row per run), steps_to_90.png (steps and epochs to 90% against d, log-log, median and min..max over
 seeds, one line per recipe, with the fitted power law).
+
+--levers reads the paper's GPT 12x384 runs kept under --out/gpt12x384_*/ (each a star_in_weights.py run
+at batch 256 on G(d,5), hardest token, made by hand with the command in the README's "Recipe study",
+its lever and seed read from its own results.json) and writes levers.md (the step at which held-out
+first-token accuracy first reached 0.90, per degree, lever and seed; what the run had memorized by
+then) and levers.png (the held-out curves, a panel per degree). Nothing is run.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import math
 import os
@@ -188,15 +196,114 @@ def aggregate(out: str) -> dict:
     return {"tables": tables, "fits": fits}
 
 
+# ----------------------------------------------------------------------------- the paper's 12x384: the levers
+LEVER_LEVEL = 0.9
+
+
+def lever_name(cfg: dict) -> str:
+    return (f"embedding x{cfg['embed_lr_mult']:g}" + ("" if cfg["lr"] == 3e-4 else f", body LR {cfg['lr']:.0e}".replace("e-0", "e-"))
+            + ("" if cfg["batch_size"] == 256 else f", batch {cfg['batch_size']}"))
+
+
+def lever_order(name: str) -> tuple:  # the embedding multiplier's runs first, by multiplier; then the other levers
+    return "," in name, float(name.split(" x")[1].split(",")[0]), name
+
+
+def read_lever_runs(root: str) -> list[dict]:
+    """One row per results.json below root/gpt12x384_*/ (12 layers, width 384): its degree, lever, seed, step
+    cap, the step at which held-out first token first reached LEVER_LEVEL (None: never), and its curve."""
+    rows = []
+    for folder in sorted(glob.glob(os.path.join(root, "gpt12x384_*"))):
+        for dirpath, _, files in sorted(os.walk(folder)):
+            if "results.json" not in files:
+                continue
+            res = json.load(open(os.path.join(dirpath, "results.json")))
+            cfg, hist = res["config"], res["history"]
+            if (cfg["layers"], cfg["width"]) != (12, 384):
+                continue
+            step, _ = sweep.first_reach(hist, "test_first_token", LEVER_LEVEL)
+            at = next((h for h in hist if h["step"] == step), hist[-1])  # the evaluation that stopped it, or the last
+            rows.append({"degree": cfg["degree"], "lever": lever_name(cfg), "seed": cfg["seed"], "cap": cfg["steps"],
+                         "batch_size": cfg["batch_size"], "step_90": step, "last_step": hist[-1]["step"],
+                         "held_out": at["test_first_token"], "edge_top1_valid": at["edge_top1_valid"],
+                         "train_first_token": at["train_first_token"], "seconds": res["seconds"],
+                         "folder": os.path.relpath(dirpath, root),
+                         "curve": [(h["step"], h["test_first_token"]) for h in hist]})
+    return sorted(rows, key=lambda r: (r["degree"], lever_order(r["lever"]), r["seed"]))
+
+
+def levers(out: str) -> list[dict]:
+    rows = read_lever_runs(out)
+    degrees = sorted({r["degree"] for r in rows})
+    names = sorted({r["lever"] for r in rows}, key=lever_order)
+    seeds = sorted({r["seed"] for r in rows})
+    cell = lambda r: f"{r['step_90']:,}" if r["step_90"] is not None else f"never ({r['held_out']:.2f} at {r['last_step']:,})"  # noqa: E731
+    lines = [f"# The paper's GPT 12x384 on G(d,5), hardest token, batch 256: step at which held-out first-token "
+             f"accuracy first reached {LEVER_LEVEL:.2f} (evaluated every 250 steps)", "",
+             "| lever | " + " | ".join(f"d = {d}, seed {s}" for d in degrees for s in seeds) + " |",
+             "|---|" + "---|" * (len(degrees) * len(seeds))]
+    for name in names:
+        got = {(r["degree"], r["seed"]): r for r in rows if r["lever"] == name}
+        lines.append(f"| {name} | " + " | ".join(cell(got[d, s]) if (d, s) in got else "" for d in degrees for s in seeds) + " |")
+    lines += ["", "Every run: body LR 3e-4 unless named, weight decay 0.1, warmup 300, cosine over its step cap, "
+              "stopped at the first evaluation >= 0.90 (`--stop-at 0.9`).", "",
+              "| d | lever | seed | step cap | step to 0.90 | held-out there (or at the end) | edge top-1 valid there "
+              "| training first token there | seconds | folder |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['degree']} | {r['lever']} | {r['seed']} | {r['cap']:,} | {cell(r)} | {r['held_out']:.3f} | "
+                     f"{r['edge_top1_valid']:.3f} | {r['train_first_token']:.3f} | {r['seconds']:,.0f} | {r['folder']} |")
+    with open(os.path.join(out, "levers.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_levers(rows, degrees, names, os.path.join(out, "levers.png"))
+    print("\n".join(lines))
+    return rows
+
+
+def plot_levers(rows: list[dict], degrees: list[int], names: list[str], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(degrees), figsize=(4.2 * len(degrees), 3.8), layout="constrained", squeeze=False)
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    for ax, d in zip(axes[0], degrees):
+        for r in (r for r in rows if r["degree"] == d):
+            steps, acc = zip(*r["curve"])
+            ax.plot(steps, acc, marker=".", color=colors[r["lever"]], ls="-" if r["seed"] == 0 else "--",
+                    label=f"{r['lever']}, seed {r['seed']}")
+        ax.axhline(LEVER_LEVEL, color="k", lw=0.6, ls=":")
+        ax.set(title=f"G({d},5)", xlabel="training step", ylabel="held-out first-token accuracy", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("GPT 12x384, batch 256 (CPU): the embedding-LR multiplier and the body LR", fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", action="store_true", help="run the sweeps first (finished points are skipped)")
+    p.add_argument("--levers", action="store_true", help="only the 12x384 levers: levers.md and levers.png")
     p.add_argument("--out", default=os.path.join("results", "recipe_study"), help="where the summary goes")
     args = p.parse_args(argv)
+    if args.run and args.levers:
+        print("recipe_study: --levers runs nothing (its runs are made by hand); give one of --run, --levers",
+              file=sys.stderr)
+        return 2
+    if args.levers:
+        if not read_lever_runs(args.out):
+            print(f"recipe_study: no 12x384 run (results.json) under {args.out}/gpt12x384_*; nothing written",
+                  file=sys.stderr)
+            return 2
+        levers(args.out)
+        return 0
     if args.run:
         for cmd in all_sweeps():
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=HERE, check=False)
+    if not any(read_runs(folder) for folder, *_ in SWEEPS.values()):  # would overwrite the kept study with nothing
+        print(f"recipe_study: no finished sweep point under {RUNS} (run `python recipe_study.py --run` first); "
+              "nothing written", file=sys.stderr)
+        return 2
     aggregate(args.out)
     return 0
 

@@ -1938,6 +1938,35 @@ def test_recipe_study_fit_and_medians():
     assert reach(0.9) == (250, 9.1) and reach(0.95) == (None, None)
 
 
+def test_recipe_study_levers_table_and_refusals(tmp_path, monkeypatch, capsys):
+    import recipe_study as RS
+
+    def kept_run(folder, degree, mult, seed, curve, layers=12, lr=3e-4):
+        os.makedirs(tmp_path / folder)
+        hist = [{"step": s, "test_first_token": a, "edge_top1_valid": 1.0, "train_first_token": 1.0} for s, a in curve]
+        cfg = {"degree": degree, "embed_lr_mult": mult, "seed": seed, "lr": lr, "layers": layers, "width": 384,
+               "batch_size": 256, "steps": 4000}
+        json.dump({"config": cfg, "history": hist, "seconds": 12.0}, open(tmp_path / folder / "results.json", "w"))
+
+    kept_run("gpt12x384_d400_levers/x60", 400, 60.0, 0, [(0, 0.0), (250, 0.5), (500, 0.93)])
+    kept_run("gpt12x384_d400_levers/x30", 400, 30.0, 0, [(0, 0.0), (250, 0.2), (4000, 0.83)])
+    kept_run("gpt12x384_d400_levers/lr", 400, 30.0, 1, [(0, 0.0), (250, 0.95)], lr=5e-4)
+    kept_run("gpt12x384_d400_levers/small_model", 400, 10.0, 0, [(0, 0.0), (250, 1.0)], layers=4)  # not a 12x384
+    assert RS.main(["--levers", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "levers.md").read_text().splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table if line.startswith("| embedding")}
+    assert list(rows) == ["embedding x30", "embedding x60", "embedding x30, body LR 5e-4"]  # the 4x128 is left out
+    assert "| never (0.83 at 4,000) |" in rows["embedding x30"] and "| 500 |" in rows["embedding x60"]
+    assert (tmp_path / "levers.png").exists()
+    # bad input: nothing to read, or a sweep study with no sweep points, is refused before anything is written
+    assert RS.main(["--levers", "--out", str(tmp_path / "none")]) == 2
+    monkeypatch.setattr(RS, "RUNS", str(tmp_path / "no_runs"))
+    assert RS.main(["--out", str(tmp_path / "study")]) == 2 and not (tmp_path / "study").exists()
+    assert RS.main(["--run", "--levers"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("recipe_study: ") for e in errors)  # one line each, no traceback
+
+
 # ===================================================================================== CPU time check (issue 11)
 def test_cpu_time_check_warns_in_one_line_and_leaves_the_model_alone(capsys):
     g = C.path_star(6, 4, seed=0)
