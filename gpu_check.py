@@ -159,9 +159,10 @@ def estimate_seconds(name: str) -> float:
 # The 120 s goal, one run at a time (clean wall times), each from its own empty compile cache, the most telling
 # first: does 0.95 come, and when. The 12x384 on G(200,5) on the CPU (README "Recipe study"): embedding x60 was
 # at 0.74 / 0.80 at step 500 (seeds 0 / 1) where x30 was at 0.00 / 0.20, and at 0.90 at step 1,250 / 1,000
-# against 1,250 / 2,000; body LR 5e-4 (seed 0) dipped (0.72 -> 0.48) and reached 0.90 an evaluation later
-# and on G(400,5) x60 reached 0.90 at step 1,750 / 2,000 (seeds 0 / 1) against x30's 3,750 / never within
-# 4,000 (0.83): the gap grows with d
+# against 1,250 / 2,000; body LR 5e-4 (seed 0) dipped (0.72 -> 0.48) and reached 0.90 an evaluation later.
+# On G(400,5) x60 reached 0.90 at step 1,750 / 2,000 (seeds 0 / 1) against x30's 3,750 / never within 4,000
+# (0.83); on G(800,5) at 2,500 / 2,250 against 3,250 / 3,750, with x120 at 3,000 (seed 0): x60 ahead or tied
+# in all six pairs, by no trend with d (`python recipe_study.py --levers`), and x120 no better than x60
 GOAL_FLAGS = ["--hardest-token", *CG, "--stop-at", "0.95"]
 GOAL = [(f"goal{name}", "star_in_weights.py", [*GOAL_FLAGS, *lever], ["--degree", "5000", "--steps", "6000"])
         for name, lever in (("", []), ("_embed_x60", ["--embed-lr-mult", "60"]), ("_regional", REGIONAL),
