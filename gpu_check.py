@@ -438,7 +438,8 @@ def main(argv=None) -> int:
         for phase, runs, env in phases:
             for name, cmd in runs:
                 est = f"   (estimate {estimate_seconds(name):.0f} s)" if phase == "full" else ""
-                print(f"[{phase}] {name}: {' '.join(cmd)}" + (f"   (env {env})" if env else "") + est)
+                run_env = {k: v.replace("{name}", name) for k, v in env.items()}  # as run_group sets it
+                print(f"[{phase}] {name}: {' '.join(cmd)}" + (f"   (env {run_env})" if env else "") + est)
             if phase == "full":
                 print(f"[{phase}] estimated {sum(estimate_seconds(n) for n, _ in runs):.0f} s of {STAGE_SECONDS} s, "
                       f"{LANES[phase]} at a time")

@@ -727,6 +727,15 @@ def test_gpu_check_plan_parses_as_each_script_would():
     assert headline[2:-2] == ["--hardest-token", "--device", "cuda", "--degree", "5000"]  # the README's command
 
 
+def test_gpu_check_plan_prints_each_run_its_own_cache(capsys):
+    import gpu_check
+    assert gpu_check.main(["--plan", "--stage", "3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[goal] ")]
+    assert len(lines) == len(gpu_check.GOAL) and "{name}" not in "".join(lines)
+    for (name, *_), line in zip(gpu_check.GOAL, lines):  # the cache each run starts empty in, as run_group sets it
+        assert line.endswith(f"inductor_cache_{name}'}})"), line
+
+
 def test_gpu_check_rehearsal_and_caps(tmp_path):
     """The driver's plumbing on the CPU: a rehearsal of two runs writes the three files it promises;
     a run past its cap is stopped and marked, one not yet started is reported as such."""
