@@ -270,9 +270,14 @@ def gpu_memory_gb() -> float:
         return 0.0
 
 
+def env_for(env_extra: dict, name: str) -> dict:
+    """A run's own extra environment: "{name}" in a value becomes the run's name (a compile cache of its own, say)."""
+    return {k: v.replace("{name}", name) for k, v in env_extra.items()}
+
+
 def run_group(runs, env_extra: dict, cap: float, work: str, parallel: int) -> list[dict]:
-    """Start the runs (at most `parallel` at once), stop any still going at `cap` seconds; one log each.
-    "{name}" in an env_extra value becomes the run's name (a compile cache of its own, say)."""
+    """Start the runs (at most `parallel` at once), stop any still going at `cap` seconds; one log each,
+    env_extra as env_for makes it for each run."""
     threads = 1 if parallel > 1 else min(8, os.cpu_count() or 1)  # side by side: one host thread each
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
     pending, active, done, start = list(runs), [], [], time.time()
@@ -283,7 +288,7 @@ def run_group(runs, env_extra: dict, cap: float, work: str, parallel: int) -> li
             log = open(os.path.join(work, name, "log.txt"), "w")
             log.write(" ".join(argv) + "\n")
             log.flush()
-            run_env = {**env, **{k: v.replace("{name}", name) for k, v in env_extra.items()}}
+            run_env = {**env, **env_for(env_extra, name)}
             active.append((name, argv, log, time.time(), subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                                                           cwd=HERE, env=run_env)))
         time.sleep(0.5)
@@ -438,8 +443,7 @@ def main(argv=None) -> int:
         for phase, runs, env in phases:
             for name, cmd in runs:
                 est = f"   (estimate {estimate_seconds(name):.0f} s)" if phase == "full" else ""
-                run_env = {k: v.replace("{name}", name) for k, v in env.items()}  # as run_group sets it
-                print(f"[{phase}] {name}: {' '.join(cmd)}" + (f"   (env {run_env})" if env else "") + est)
+                print(f"[{phase}] {name}: {' '.join(cmd)}" + (f"   (env {env_for(env, name)})" if env else "") + est)
             if phase == "full":
                 print(f"[{phase}] estimated {sum(estimate_seconds(n) for n, _ in runs):.0f} s of {STAGE_SECONDS} s, "
                       f"{LANES[phase]} at a time")

@@ -146,11 +146,15 @@ def plot(tables: dict[str, list[dict]], fits: dict, path: str) -> None:
     plt.close(fig)
 
 
-def aggregate(out: str) -> dict:
+def aggregate(out: str) -> dict | None:
+    """The study's table, fits and figure into `out`; None, with nothing written, when no sweep point has finished
+    (the kept study is not overwritten with an empty one)."""
+    sweep_rows = {name: read_runs(folder) for name, (folder, _, _, _) in SWEEPS.items()}
+    if not any(sweep_rows.values()):
+        return None
     os.makedirs(out, exist_ok=True)
     tables, fits, all_rows = {}, {}, []
-    for name, (folder, _, _, _) in SWEEPS.items():
-        rows = read_runs(folder)
+    for name, rows in sweep_rows.items():
         all_rows += [{"recipe": name, **r} for r in rows]
         if not rows:
             continue
@@ -224,7 +228,7 @@ def read_lever_runs(root: str) -> list[dict]:
             step, _ = sweep.first_reach(hist, "test_first_token", LEVER_LEVEL)
             at = next((h for h in hist if h["step"] == step), hist[-1])  # the evaluation that stopped it, or the last
             rows.append({"degree": cfg["degree"], "lever": lever_name(cfg), "seed": cfg["seed"], "cap": cfg["steps"],
-                         "batch_size": cfg["batch_size"], "step_90": step, "last_step": hist[-1]["step"],
+                         "step_90": step, "last_step": hist[-1]["step"],
                          "held_out": at["test_first_token"], "edge_top1_valid": at["edge_top1_valid"],
                          "train_first_token": at["train_first_token"], "seconds": res["seconds"],
                          "folder": os.path.relpath(dirpath, root),
@@ -232,8 +236,8 @@ def read_lever_runs(root: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["degree"], lever_order(r["lever"]), r["seed"]))
 
 
-def levers(out: str) -> list[dict]:
-    rows = read_lever_runs(out)
+def levers(out: str, rows: list[dict]) -> None:
+    """levers.md and levers.png in `out` from read_lever_runs' rows."""
     degrees = sorted({r["degree"] for r in rows})
     names = sorted({r["lever"] for r in rows}, key=lever_order)
     seeds = sorted({r["seed"] for r in rows})
@@ -256,7 +260,6 @@ def levers(out: str) -> list[dict]:
         f.write("\n".join(lines) + "\n")
     plot_levers(rows, degrees, names, os.path.join(out, "levers.png"))
     print("\n".join(lines))
-    return rows
 
 
 def plot_levers(rows: list[dict], degrees: list[int], names: list[str], path: str) -> None:
@@ -290,21 +293,21 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if args.levers:
-        if not read_lever_runs(args.out):
+        rows = read_lever_runs(args.out)
+        if not rows:
             print(f"recipe_study: no 12x384 run (results.json) under {args.out}/gpt12x384_*; nothing written",
                   file=sys.stderr)
             return 2
-        levers(args.out)
+        levers(args.out, rows)
         return 0
     if args.run:
         for cmd in all_sweeps():
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=HERE, check=False)
-    if not any(read_runs(folder) for folder, *_ in SWEEPS.values()):  # would overwrite the kept study with nothing
+    if aggregate(args.out) is None:
         print(f"recipe_study: no finished sweep point under {RUNS} (run `python recipe_study.py --run` first); "
               "nothing written", file=sys.stderr)
         return 2
-    aggregate(args.out)
     return 0
 
 
