@@ -21,6 +21,7 @@ Commands
     OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token --edges forward   # Fig 33 on a CPU, ~2.5 min
     OMP_NUM_THREADS=1 python star_in_weights.py --small --hardest-token --model mamba --mamba-block release --steps 3000
                                                   # Fig 14 on a CPU with the authors' block, ~10 min (README row 4)
+    OMP_NUM_THREADS=1 python star_in_weights.py --small --reverse-path --degree 400 --steps 4000   # Fig 34 left, ~3.5 min
 --small is G(100,5) with the recipe study's 4x128 proxy (LR 1e-3, embedding x10, 1,000 steps); it
 combines with every claim flag above. Measured (2-core CPU, one thread): README claims table, with
 seeds. On a GPU (one H200): the headline 0.956 in 230 s (README row 1, results/gpu_headline/); the
@@ -425,12 +426,13 @@ def control_of(cfg: Config) -> Config | None:
 
 def small_command(cfg: Config) -> str:
     """The CPU-sized command of the same claim: --small plus the flags that choose the claim."""
-    flags = [f for f, on in (("--hardest-token", cfg.hardest_token), ("--reverse-path", cfg.reverse_path),
+    flags = [f for f, on in (("--hardest-token", cfg.hardest_token),
+                             ("--reverse-path --degree 400 --steps 4000", cfg.reverse_path),  # G(100,5): no copy, row 5b
                              (f"--edges {cfg.edges}", cfg.edges != "both"), (f"--model {cfg.model}", cfg.model != "gpt"),
                              (f"--mamba-block {cfg.mamba_block}", cfg.mamba_block != "kit"),
                              (f"--recipe {cfg.recipe}", cfg.recipe != "mixed"), (f"--pauses {cfg.pauses}", cfg.pauses != -1),
                              ("--freeze-embeddings", cfg.freeze_embeddings), ("--no-tied", not cfg.tied)) if on]
-    return " ".join([CPU_COMMAND] + flags) + "  (~1-3 min; Mamba ~8 min)"
+    return " ".join([CPU_COMMAND] + flags) + "  (~1-4 min; Mamba ~8 min)"
 
 
 def run(cfg: Config) -> dict:
