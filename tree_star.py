@@ -33,10 +33,10 @@ Settings (the paper gives no tree sizes or accuracies; v1 says k = 2)
     bar 0.10). The first-token split is harder on the first hop (0.56 / 0.44 / 0.28 against 1.0, chance
     1/256), on exact match only in seed 2: in the leaf split the held-out leaf, to be copied from the
     prompt, loses to its sibling, a training leaf and so a path output (nearly every wrong leaf,
-    teacher-forced). On the
-    earlier preset T(16,2,5) (128 leaves, 800 steps) neither split was above chance: the leaf was
-    never copied (exact 0.00), and 12 training subtrees taught no first hop (0/32); T(64,2,5) (384
-    training leaves, 2,400 steps): leaf split 0.05. README row 9 has the numbers and the diagnosis.
+    teacher-forced). On the earlier preset T(16,2,5) (128 leaves, 800 steps) neither split was above
+    chance: the leaf was never copied (exact 0.00), and 12 training subtrees taught no first hop
+    (0/32); T(64,2,5) (384 training leaves, 2,400 steps): leaf split 0.05. README row 9 has the numbers
+    and the diagnosis.
 """
 from __future__ import annotations
 
@@ -97,9 +97,10 @@ QUICK = dict(degree=4, path_length=4, layers=2, width=64, heads=4, steps=150, ba
 
 
 # star_in_weights.py --small's model and recipe (the recipe study's 4x128 proxy) on T(256,2,5): 3,841 nodes,
-# 2,048 leaves (1,536 or 192 subtrees' worth for training). Smaller trees generalize nothing at the last token:
-# T(16,2,5) (96 training leaves) and T(64,2,5) (384) leave the held-out leaf uncopied (README row 9). 4,000 steps
-# (111 epochs) per split: both splits pass their bar from step ~2,000 on; ~11 minutes for both.
+# 2,048 leaves (1,536 training leaves in the leaf split, 192 training subtrees in the other). Smaller trees
+# generalize nothing at the last token: T(16,2,5) (96 training leaves) and T(64,2,5) (384) leave the held-out
+# leaf uncopied (README row 9). 4,000 steps (111 epochs) per split: both splits pass their bar from step ~2,000
+# on; ~11 minutes for both.
 SMALL = dict(degree=256, branching=2, path_length=5, layers=4, width=128, heads=4, pauses=5, batch_size=256, lr=1e-3,
              embed_lr_mult=10.0, weight_decay=0.1, warmup=300, steps=4000, eval_every=400)
 
