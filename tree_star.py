@@ -13,7 +13,7 @@ Chance: 1/d for the first token, 1/#leaves for the whole path.
 
 Commands
     python tree_star.py --quick                                  # CPU smoke test, ~20 s
-    OMP_NUM_THREADS=1 python tree_star.py --small                # CPU scale: T(256,2,5), 4x128, ~11 min
+    OMP_NUM_THREADS=1 python tree_star.py --small                # CPU scale: T(256,2,5), 4x128, ~10 min
     python tree_star.py                                          # GPU default: T(1000,2,5), both splits
     python tree_star.py --split first-token                      # one split only
 Outputs in --out (default runs/tree_star/): results.json, tree_star.png (held-out exact match and
@@ -50,7 +50,7 @@ import common as C
 
 SCRIPT = "tree_star"
 SPLITS = ["leaf", "first-token"]
-CPU_COMMAND = "OMP_NUM_THREADS=1 python tree_star.py --small  (~11 min)"
+CPU_COMMAND = "OMP_NUM_THREADS=1 python tree_star.py --small  (~10 min)"
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Config:
     out: str = C.arg("", "output folder (default runs/tree_star/)")
     quick: bool = C.arg(False, "tiny CPU smoke configuration (T(4,2,4), 2x64 model, 150 steps per split)")
     small: bool = C.arg(False, "the claim at CPU scale: T(256,2,5), 4x128 model, embedding LR x10, 4,000 steps "
-                        "per split (~11 min)")
+                        "per split (~10 min)")
     compile: bool = C.arg(True, "torch.compile the model on CUDA (ignored on CPU; falls back to eager)")
     compile_mode: str = C.arg("default", "torch.compile mode; reduce-overhead adds CUDA graphs (H200: 2.2x the "
                               "headline's steps/s)", list(C.COMPILE_MODES))
@@ -100,7 +100,7 @@ QUICK = dict(degree=4, path_length=4, layers=2, width=64, heads=4, steps=150, ba
 # 2,048 leaves (1,536 training leaves in the leaf split, 192 training subtrees in the other). Smaller trees
 # generalize nothing at the last token: T(16,2,5) (96 training leaves) and T(64,2,5) (384) leave the held-out
 # leaf uncopied (README row 9). 4,000 steps (111 epochs) per split: both splits pass their bar from step ~2,000
-# on; ~11 minutes for both.
+# on; ~10 minutes for both, one at a time (591 and 625 s in two CI runs).
 SMALL = dict(degree=256, branching=2, path_length=5, layers=4, width=128, heads=4, pauses=5, batch_size=256, lr=1e-3,
              embed_lr_mult=10.0, weight_decay=0.1, warmup=300, steps=4000, eval_every=400)
 
