@@ -305,6 +305,8 @@ def plot_accuracy(history, cfg, d, out, control_history=None, control_name=""):
         axes[0].plot([h["step"] for h in control_history], [h[key] for h in control_history], color="k", lw=1.2,
                      ls="-.", label=f"{control_name}: {key.replace('_', ' ')}")
     axes[0].axhline(1 / d, color="gray", lw=0.8, ls=":", label=f"chance 1/d = {1 / d:.2g}")
+    for ax in axes if cfg.recipe == "staged" else ():  # Fig 36: the edge stage ends, the path stage begins
+        ax.axvline(cfg.edge_steps, color="gray", lw=0.8, ls="--", label="edges | paths")
     axes[0].set(xlabel="optimizer step", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"G({d},{cfg.path_length}), {cfg.model}")
     axes[0].legend(fontsize=7)
     axes[1].plot(steps[1:], [h["train_loss"] for h in history[1:]])
