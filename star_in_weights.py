@@ -262,11 +262,11 @@ def compute_verdict(cfg: Config, final: dict, n_test: int) -> dict:
                                  {f"edge_topk ({cfg.edges})": final["edge_topk"], trained: final[trained]},
                                  "held-out first hop a1", control=final["control"]["test_first_token"])
     key = judged_key(cfg)
+    judged = "peak_" + key if cfg.recipe == "staged" else key
+    v = C.verdict(final[judged], SUCCESS, f"{judged.replace('_', ' ')} >= {SUCCESS} (chance first token {chance:.2g})")
     if cfg.recipe == "staged":  # judged at the peak; where the run ends, and the drop, are reported beside it
-        v = C.verdict(final["peak_" + key], SUCCESS, f"peak {key.replace('_', ' ')} >= {SUCCESS} (chance first token "
-                      f"{chance:.2g})")
-        return {**v, "at_end": final[key], "drop_from_peak": final["peak_" + key] - final[key]}
-    return C.verdict(final[key], SUCCESS, f"{key.replace('_', ' ')} >= {SUCCESS} (chance first token {chance:.2g})")
+        v.update(at_end=final[key], drop_from_peak=final[judged] - final[key])
+    return v
 
 
 def geometry(model, g: C.Graph, n_paths: int, seed: int) -> dict:
@@ -305,8 +305,9 @@ def plot_accuracy(history, cfg, d, out, control_history=None, control_name=""):
         axes[0].plot([h["step"] for h in control_history], [h[key] for h in control_history], color="k", lw=1.2,
                      ls="-.", label=f"{control_name}: {key.replace('_', ' ')}")
     axes[0].axhline(1 / d, color="gray", lw=0.8, ls=":", label=f"chance 1/d = {1 / d:.2g}")
-    for ax in axes if cfg.recipe == "staged" else ():  # Fig 36: the edge stage ends, the path stage begins
-        ax.axvline(cfg.edge_steps, color="gray", lw=0.8, ls="--", label="edges | paths")
+    if cfg.recipe == "staged":  # Fig 36: where the edge stage ends and the path stage begins, on both panels
+        for ax in axes:
+            ax.axvline(cfg.edge_steps, color="gray", lw=0.8, ls="--", label="edges | paths")
     axes[0].set(xlabel="optimizer step", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"G({d},{cfg.path_length}), {cfg.model}")
     axes[0].legend(fontsize=7)
     axes[1].plot(steps[1:], [h["train_loss"] for h in history[1:]])
