@@ -35,7 +35,7 @@ ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 # Two suites take minutes per test and run only when `-m` names them (`.ci/run` runs both after the unit
-# tests): the paper-scale dry runs (`-m paper_scale`, ~10 min) and the reproduction suite (`-m reproduce`, ~20 min).
+# tests): the paper-scale dry runs (`-m paper_scale`, ~10 min) and the reproduction suite (`-m reproduce`, ~25-30 min).
 OPT_IN = ("paper_scale", "reproduce")
 
 
@@ -1387,6 +1387,8 @@ PAPER_SCALE = [  # (script, extra flags, vocabulary, logit rows per training exa
     ("star_in_weights.py", ["--hardest-token", "--model", "mamba", "--mamba-block", "release"], 20_008, 1),
     ("star_in_weights.py", ["--hardest-token", "--edges", "forward"], 20_008, 1),  # a failure claim: arm + control
     ("star_in_weights.py", ["--pauses", "0"], 20_008, 5),  # Fig 35: the full path without pauses + its k = l control
+    ("star_in_weights.py", ["--hardest-token", "--recipe", "staged", "--edge-steps", "2"], 20_008, 1),  # Fig 36: edges,
+    # then paths with a fresh optimizer (its peak / at_end verdict, the stage line); NARROW's 2 steps for each stage
     ("freeze_embeddings.py", [], 20_008, 1),
     ("tree_star.py", [], 15_009, 5),  # T(1000,2,5), both splits
     ("star_in_context.py", [], 108, 5),  # 200k training graphs, 20k held out
