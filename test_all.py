@@ -1389,6 +1389,8 @@ PAPER_SCALE = [  # (script, extra flags, vocabulary, logit rows per training exa
     ("star_in_weights.py", ["--pauses", "0"], 20_008, 5),  # Fig 35: the full path without pauses + its k = l control
     ("star_in_weights.py", ["--hardest-token", "--recipe", "staged", "--edge-steps", "2"], 20_008, 1),  # Fig 36: edges,
     # then paths with a fresh optimizer (its peak / at_end verdict, the stage line); NARROW's 2 steps for each stage
+    ("star_in_weights.py", ["--reverse-path"], 20_008, 5),  # Fig 34 left: leaf -> root, G(5000,5)
+    ("star_in_weights.py", ["--degree", "10000", "--path-length", "6"], 50_008, 6),  # G(10^4,6), Fig 12 left
     ("freeze_embeddings.py", [], 20_008, 1),
     ("tree_star.py", [], 15_009, 5),  # T(1000,2,5), both splits
     ("star_in_context.py", [], 108, 5),  # 200k training graphs, 20k held out
@@ -1406,7 +1408,7 @@ def test_default_configuration_at_paper_scale(script, args, vocab, rows, tmp_pat
     assert isinstance(res["verdict"]["reproduced"], bool)
     assert res["history"][-1]["step"] >= 2 and any(f.endswith(".png") for f in os.listdir(tmp_path))
     if script == "star_in_weights.py":
-        assert res["data"]["nodes"] == {20_008: 20_001, 90_008: 90_001}[vocab]
+        assert res["data"]["nodes"] == {20_008: 20_001, 50_008: 50_001, 90_008: 90_001}[vocab]
         assert 0 <= res["metrics"]["edge_topk"] <= 1 and res["metrics"]["geometry_path_diag"] > 0
 
 
