@@ -265,8 +265,10 @@ def collect(spec: dict, out: str) -> list[dict]:
 
 
 def group(spec: dict, rows: list[dict]) -> list[dict]:
-    """Rows grouped over seeds: n, mean, std (n-1), min, max of the metric; runs reproduced; mean
-    seconds; per --reach the steps of the seeds that reached, their median and count."""
+    """Rows grouped over seeds: n, mean, std (n-1), min, max of the metric; runs (all points) and done (those
+    with a results.json: the denominator of 'reproduced' and of the reach counts, so that a failed point is not
+    read as a run that did not reproduce); mean seconds; per --reach the steps of the seeds that reached, their
+    median and count."""
     groups = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in spec["grid"]), []).append(row)
@@ -275,6 +277,7 @@ def group(spec: dict, rows: list[dict]) -> list[dict]:
         vals = [r["metric"] for r in members if r["metric"] is not None]
         secs = [r["seconds"] for r in members if r["seconds"] is not None]
         g = dict(zip(spec["grid"], values), n=len(vals), runs=len(members),
+                 done=sum(r.get("status") != "missing" for r in members),
                  mean=statistics.fmean(vals) if vals else None, std=statistics.stdev(vals) if len(vals) > 1 else None,
                  min=min(vals, default=None), max=max(vals, default=None),
                  reproduced=sum(r["reproduced"] is True for r in members),
@@ -298,8 +301,9 @@ def markdown(spec: dict, table: list[dict]) -> str:
     for g in table:
         cells = [format_value(g[k]) for k in spec["grid"]] + [str(g["n"])]
         cells += [fmt(g[k]) for k in ("mean", "std", "min", "max")]
-        cells += [f"{g['reproduced']}/{g['runs']}", fmt(g["seconds"])]
-        cells += [f"{fmt(g[f'{r} median'])} ({len(g[f'{r} steps'])}/{g['runs']})" for r in spec["reach"]]
+        missing = f" ({g['runs'] - g['done']} missing)" if g["done"] < g["runs"] else ""
+        cells += [f"{g['reproduced']}/{g['done']}{missing}", fmt(g["seconds"])]
+        cells += [f"{fmt(g[f'{r} median'])} ({len(g[f'{r} steps'])}/{g['done']})" for r in spec["reach"]]
         lines.append("| " + " | ".join(cells) + " |")
     fixed = ", ".join(f"{k}={format_value(v)}" for k, v in spec["set"].items())
     return "\n".join(lines + ["", f"Fixed flags: {fixed or 'none'}."]) + "\n"

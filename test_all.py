@@ -1631,6 +1631,8 @@ def test_failed_point_exits_1_and_the_others_finish(fake, tmp_path, capsys):
     assert len(calls(fake)) == 4
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert [r["status"] for r in rows] == ["done", "done", "missing", "missing"]
+    md = (out / "summary.md").read_text()  # a failed point is not counted as a run that did not reproduce
+    assert "| 20 | 2 | 0.25 | 0.07071 | 0.2 | 0.3 | 0/2 | 1.5 |" in md and "| -5 | 0 |  |  |  |  | 0/0 (2 missing) |" in md, md
     assert sweep.main(args) == 1 and len(calls(fake)) == 6  # only the failed points rerun
 
 
