@@ -198,9 +198,9 @@ def evaluate_set(model, ts: C.TokenSet, teacherless: bool, a1_index: int, n_edge
     other = [i for i in range(tf.shape[1]) if i != a1_index]
     valid = is_source_child(ts.inputs, out["generated"][:, a1_index], n_edges)
     return {"exact": out["exact"], "first_hop": out["per_position"][a1_index], "tf_token": out["tf_token"],
-            "tf_first_hop": round(tf[:, a1_index].mean().item(), 5), "gen_per_position": out["per_position"],
-            "tf_per_position": out["tf_per_position"], "first_hop_valid": valid.float().mean().item(),
-            "tf_other": tf[:, other].mean().item() if other else None}
+            "tf_first_hop": round(tf[:, a1_index].double().mean().item(), 5), "gen_per_position": out["per_position"],
+            "tf_per_position": out["tf_per_position"], "first_hop_valid": valid.double().mean().item(),
+            "tf_other": tf[:, other].double().mean().item() if other else None}
 
 
 def learned_order(history: list[dict], key: str, threshold: float = 0.9) -> list:
