@@ -194,13 +194,13 @@ def evaluate_set(model, ts: C.TokenSet, teacherless: bool, a1_index: int, n_edge
     guess among the d arms, not garbage); tf_other = teacher-forced accuracy on every answer token
     but a1 (what next-token training can fit without planning)."""
     out = C.sequence_metrics(model, ts, "", teacherless, keep_generated=True)
-    tf = (out["teacher_forced"] == ts.labels).float()  # (n, A)
+    tf = (out["teacher_forced"] == ts.labels).double()  # (n, A), float64: see C.sequence_metrics
     other = [i for i in range(tf.shape[1]) if i != a1_index]
     valid = is_source_child(ts.inputs, out["generated"][:, a1_index], n_edges)
     return {"exact": out["exact"], "first_hop": out["per_position"][a1_index], "tf_token": out["tf_token"],
-            "tf_first_hop": round(tf[:, a1_index].double().mean().item(), 5), "gen_per_position": out["per_position"],
+            "tf_first_hop": out["tf_per_position"][a1_index], "gen_per_position": out["per_position"],
             "tf_per_position": out["tf_per_position"], "first_hop_valid": valid.double().mean().item(),
-            "tf_other": tf[:, other].double().mean().item() if other else None}
+            "tf_other": tf[:, other].mean().item() if other else None}
 
 
 def learned_order(history: list[dict], key: str, threshold: float = 0.9) -> list:

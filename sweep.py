@@ -17,8 +17,9 @@ it, > is a shell redirection) asks for the first history step with KEY >= V.
 Writes into --out: points/<key>/ per point (e.g. degree=200__lr=0.001__seed=0: the script's --out,
 plus log.txt), sweep.json (the spec, so `--aggregate OUT` alone redoes the summary), summary.csv
 (one row per point and seed), summary.md (grouped over seeds: n, mean, std (n-1), min, max, runs
-reproduced out of those that finished, with the missing ones counted apart, median reach step) and summary.png (mean metric, or with --reach the median reach step on log-log axes,
-against --x, one line per combination of the other swept flags, bars over the seeds' min..max).
+reproduced out of those that finished, with the missing ones counted apart, median reach step) and
+summary.png (mean metric, or with --reach the median reach step on log-log axes, against --x, one
+line per combination of the other swept flags, bars over the seeds' min..max).
 A point is finished iff its results.json exists and parses, so rerunning the same command skips
 finished points. A failed point does not stop the others; the sweep then exits 1.
 
