@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -1047,11 +1048,22 @@ def test_frozen_embeddings_do_not_move():
 
 
 # ------------------------------------------------------------------ end to end: --quick and bad input
-@pytest.mark.parametrize("script", ["star_in_context.py", "freeze_embeddings.py", "tree_star.py"])
+CLAIM_SCRIPTS = ["star_in_weights.py", "star_in_context.py", "tiny_graphs.py", "node2vec_spectral.py",
+                 "freeze_embeddings.py", "tree_star.py"]
+
+
+@pytest.mark.parametrize("script", CLAIM_SCRIPTS)
 def test_quick_end_to_end(script, tmp_path):
-    out = tmp_path / "out"
-    r = run_cmd([script, "--quick", "--device", "cpu", "--out", str(out)], tmp_path)
+    """The course-assignment use: the script and common.py copied into an empty folder, run there."""
+    course = tmp_path / "course"
+    course.mkdir()
+    for name in (script, "common.py"):
+        shutil.copy(os.path.join(HERE, name), course / name)
+    out = course / "out"
+    r = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--out", "out"], cwd=course,
+                       capture_output=True, text=True, timeout=600, env=dict(ONE_THREAD, PYTHONPATH=""))
     assert r.returncode == 0, r.stderr[-2000:]
+    assert set(os.listdir(course)) - {"__pycache__"} == {"out", script, "common.py"}  # nothing written beside out/
     res = json.loads((out / "results.json").read_text())
     assert SPEC_KEYS <= set(res) and {"reproduced", "criterion", "value", "threshold"} <= set(res["verdict"])
     assert res["history"] and all({"step", "seconds"} <= set(h) for h in res["history"])
