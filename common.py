@@ -735,8 +735,9 @@ def make_optimizer(model: nn.Module, tc: TrainConfig, device) -> torch.optim.Ada
     """AdamW with three named groups: "body_decay" (matrices), "body_no_decay" (biases, norms and
     `_no_weight_decay` parameters) and "embedding" (the token embedding and the output head, one tensor
     when tied; an untied head stays in this group so that untying changes only the tying): its LR is
-    tc.embed_lr_mult x the schedule, its decay tc.weight_decay iff tc.decay_embeddings.
-    Every group carries its "lr_mult"; frozen parameters are left out; every trainable parameter
+    tc.embed_lr_mult x the schedule, its decay tc.weight_decay iff tc.decay_embeddings. AdamW's decay is
+    decoupled and scaled by the group's LR (p <- p (1 - lr wd)), so the embedding also decays
+    embed_lr_mult times faster per step than the body at the same weight_decay. Every group carries its "lr_mult"; frozen parameters are left out; every trainable parameter
     lands in exactly one group (asserted)."""
     emb = {id(getattr(model, name).weight) for name in ("wte", "lm_head") if hasattr(model, name)}  # positions: body
     groups = {"body_decay": [], "body_no_decay": [], "embedding": []}
@@ -1074,8 +1075,9 @@ def sequence_metrics(model, ts: TokenSet, prefix: str = "", teacherless: bool = 
     n = labels.shape[0]
     correct, tf_correct = gen == labels, tf_pred == labels  # (n, A) bool each
     out = {f"{prefix}exact": correct.all(1).sum().item() / n, f"{prefix}tf_token": tf_correct.sum().item() / (n * n_ans)}
-    out[f"{prefix}per_position"] = [round(c / n, 5) for c in correct.sum(0).tolist()]
-    out[f"{prefix}tf_per_position"] = [round(c / n, 5) for c in tf_correct.sum(0).tolist()]
+    # unrounded: a verdict reads a position (the first hop) against a chance band whose edges are counts over n
+    out[f"{prefix}per_position"] = [c / n for c in correct.sum(0).tolist()]
+    out[f"{prefix}tf_per_position"] = [c / n for c in tf_correct.sum(0).tolist()]
     if signal is not None:
         out[f"{prefix}probe_loss"], out[f"{prefix}probe_rank"] = signal["loss"], signal["rank"]
     if keep_generated:  # (n, A) tensors for callers that score the generations themselves

@@ -266,6 +266,8 @@ def compute_verdict(cfg: Config, final: dict, n_test: int) -> dict:
     v = C.verdict(final[judged], SUCCESS, f"{judged.replace('_', ' ')} >= {SUCCESS} (chance first token {chance:.2g})")
     if cfg.recipe == "staged":  # judged at the peak; where the run ends, and the drop, are reported beside it
         v.update(at_end=final[key], drop_from_peak=final[judged] - final[key])
+    if final.get("stopped_early_at_step"):  # the end point was chosen on the held-out set: a time to reach, say so
+        v["criterion"] += f" [the held-out set stopped the run: --stop-at {cfg.stop_at:g}, step {final['stopped_early_at_step']}]"
     return v
 
 
@@ -285,10 +287,10 @@ def geometry(model, g: C.Graph, n_paths: int, seed: int) -> dict:
     same_node = np.einsum("ijij->i", node_d)  # (S,) the zero self-distances inside diagonal blocks
     d_path = block_sum / (n * n)
     d_path[np.diag_indices(S)] = (np.diag(block_sum) - same_node) / (n * n - n)
-    off = ~np.eye(S, dtype=bool)
+    off_mean = lambda D: float(D[~np.eye(S, dtype=bool)].mean()) if S > 1 else None  # noqa: E731  (S = 1: no pair)
     return {"leaf_vs_first_hop": d_leaf, "path_vs_path": d_path,
-            "leaf_first_hop_diag": float(np.diag(d_leaf).mean()), "leaf_first_hop_offdiag": float(d_leaf[off].mean()),
-            "path_diag": float(np.diag(d_path).mean()), "path_offdiag": float(d_path[off].mean())}
+            "leaf_first_hop_diag": float(np.diag(d_leaf).mean()), "leaf_first_hop_offdiag": off_mean(d_leaf),
+            "path_diag": float(np.diag(d_path).mean()), "path_offdiag": off_mean(d_path)}
 
 
 def plot_accuracy(history, cfg, d, out, control_history=None, control_name=""):
@@ -406,14 +408,14 @@ def train_arm(cfg: Config, g, sets, model, device, tag: str = "") -> tuple[dict,
     train_seconds = sum(h.get("train_seconds", 0) for h in history)
     eval_seconds = sum(h.get("eval_seconds", 0) for h in history)
     final = {k: v for k, v in history[-1].items() if k not in ("step", "seconds", "epoch", "train_seconds", "eval_seconds")}
-    final["epochs"] = history[-1]["epoch"]
-    final["peak_test_first_token"] = max(h["test_first_token"] for h in history)
-    final["peak_test_exact"] = max(h["test_exact"] for h in history)
+    final.update(epochs=history[-1]["epoch"], peak_test_first_token=max(h["test_first_token"] for h in history),
+                 peak_test_exact=max(h["test_exact"] for h in history))
     for key in ("test_first_token", "test_exact"):  # the area under the held-out curve, per evaluation
         final[f"mean_{key}"] = float(np.mean([h[key] for h in history[1:]] or [0.0]))
     train_sets = [edges, train_set] if cfg.recipe == "mixed" else [train_set]  # the sets of the (last) stage
     last_stage_steps = history[-1]["step"] - (cfg.edge_steps if cfg.recipe == "staged" else 0)  # < --steps if stopped
-    speed = C.training_speed(model, train_sets, cfg.batch_size, last_stage_steps, train_seconds)
+    final["stopped_early_at_step"] = history[-1]["step"] if last_stage_steps < cfg.steps else None  # by --stop-at
+    speed = C.training_speed(model, train_sets, cfg.batch_size, last_stage_steps, history[-1]["train_seconds"])
     speed.update(mfu=mfu(speed, device), train_seconds=train_seconds, eval_seconds=eval_seconds,
                  # one evaluation against the eval_every training steps it interrupts (kept under 10%)
                  eval_fraction=round(eval_seconds / len(history) / max(1e-9, train_seconds / max(1, history[-1]["step"]) * cfg.eval_every), 4))
@@ -469,7 +471,7 @@ def run(cfg: Config) -> dict:
     C.cpu_time_check(SCRIPT, model, [edges, train_set], train_config(cfg, cfg.steps, cfg.lr), device, small_command(cfg))
     final, history, speed = train_arm(cfg, g, sets, model, device)
     geo = geometry(model, g, cfg.geometry_paths, cfg.seed)
-    final.update({f"geometry_{k}": v for k, v in geo.items() if isinstance(v, float)})
+    final.update({f"geometry_{k}": v for k, v in geo.items() if not isinstance(v, np.ndarray)})
     final["test_tf_errors"] = errors = C.path_error_kinds(model, g, test_set, g.test_paths)
     print(f"[{SCRIPT}] held-out errors, teacher-forced: " + ", ".join(f"{k} {sum(v)} {v}" for k, v in errors.items()))
     extra, ccfg, control_name = {}, control_of(cfg), ""

@@ -523,6 +523,12 @@ def test_sequence_metrics_counts_exact_and_positions():
     answers = np.concatenate([prompts[:45] + 1, prompts[45:] + 2])
     m = C.sequence_metrics(Copy(), C.make_token_set("t", prompts, answers))
     assert m["exact"] == 0.9 and m["tf_token"] == 0.9 and C.verdict(m["exact"], 0.9, "")["reproduced"]
+    # 3 of 11 is the top of the chance band at n = 11 (chance 1/41): a position rounded to 0.27273 read "outside"
+    prompts, answers = np.arange(11)[:, None] % 9, np.arange(11)[:, None] % 9 + 2
+    answers[:3] -= 1
+    first_hop = C.sequence_metrics(Copy(), C.make_token_set("t", prompts, answers))["per_position"][0]
+    assert first_hop == 3 / 11 == C.chance_band(11, 1 / 41)[1]
+    assert C.failure_verdict(first_hop, 11, 1 / 41, {}, "")["at_chance"]
 
 
 def test_geometric_level_and_cosines():
@@ -584,6 +590,14 @@ def test_deterministic_cuda_same_seed(tmp_path):
     assert gpu_check.first_difference(*(gpu_check.science(res) for _, res in runs)) == ""
 
 
+def test_one_held_out_path_gives_no_off_diagonal_geometry(tmp_path):
+    """G(4,5) holds out one path: Fig 4's off-diagonal means have no pair to average (None, not NaN)."""
+    proc, res = run_script("star_in_weights.py", "--quick", "--degree", "4", out=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert res["metrics"]["geometry_path_offdiag"] is None and res["metrics"]["geometry_leaf_first_hop_offdiag"] is None
+    assert res["metrics"]["geometry_path_diag"] > 0 and "NaN" not in (tmp_path / "results.json").read_text()
+
+
 def test_star_in_weights_bench_and_staged(tmp_path):
     proc, res = run_script("star_in_weights.py", "--quick", "--bench", "--profile", out=tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
@@ -601,6 +615,8 @@ def test_star_in_weights_bench_and_staged(tmp_path):
     seconds = [h["seconds"] for h in res["history"]]
     assert seconds == sorted(seconds)  # one clock across both stages
     assert res["verdict"]["criterion"].startswith("peak test exact")  # full paths: an exact-match verdict
+    path_stage = res["history"][-1]  # the speed is the path stage's: its steps over its own seconds
+    assert res["speed"]["steps_per_s"] == round(50 / path_stage["train_seconds"], 2)
 
 
 @pytest.mark.parametrize("edges,reverse,success", [("both", False, True), ("forward", False, False),
@@ -1143,6 +1159,22 @@ def test_star_in_weights_verdict_learned_vs_unlearned(argv, learned, unlearned):
     cfg = C.cli(S.Config, "", S.QUICK, S.validate, argv=["--degree", "1000"] + argv)
     assert S.compute_verdict(cfg, learned, 250)["reproduced"] is True
     assert S.compute_verdict(cfg, unlearned, 250)["reproduced"] is False
+
+
+def test_stop_at_end_point_is_named_in_the_verdict(tmp_path, monkeypatch):
+    """--stop-at ends the run on the held-out set's accuracy: the verdict says that its value was chosen so."""
+    import star_in_weights as S
+    cfg = C.cli(S.Config, "", S.QUICK, S.validate, argv=["--hardest-token", "--stop-at", "0.9"])
+    stopped = {**_path_final(0.92, 0, 1, 1, 0), "stopped_early_at_step": 400}
+    assert "--stop-at 0.9, step 400" in S.compute_verdict(cfg, stopped, 250)["criterion"]
+    assert "stop" not in S.compute_verdict(cfg, {**stopped, "stopped_early_at_step": None}, 250)["criterion"]
+    real_train = C.train  # end to end, the stop made to come at step 200 (a --quick run learns no held-out path)
+    monkeypatch.setattr(C, "train", lambda model, sets, tc, *a, **k: real_train(
+        model, sets, dataclasses.replace(tc, stop_when=lambda r: r["step"] >= 200), *a, **k))
+    res = S.run(C.cli(S.Config, "", S.QUICK, S.validate, argv=["--quick", "--hardest-token", "--stop-at", "0.5",
+                                                                "--device", "cpu", "--out", str(tmp_path)]))
+    assert res["metrics"]["stopped_early_at_step"] == res["history"][-1]["step"] == 200
+    assert "--stop-at 0.5, step 200]" in res["verdict"]["criterion"]
 
 
 @pytest.mark.parametrize("argv,key", [(["--pauses", "0"], "test_exact"), (["--pauses", "2", "--hardest-token"], "test_first_token"),
