@@ -1212,18 +1212,27 @@ def cli(config_cls, description: str, quick: dict, validate: Callable | None = N
     return cfg
 
 
+MAX_SEED = 2**31 - 1  # numpy's seeds stop at 2**32 - 1: half of that range is left for the scripts' seed offsets
+
+
 def common_problems(cfg) -> str | None:
-    """Checks every script shares: finite numbers, a non-negative seed, an --out that is not a file,
-    a warmup no longer than the run."""
+    """Checks every script shares: finite numbers, a seed numpy takes (with room for the small offsets the
+    scripts add: a control, a second stage, tiny_graphs' --seeds), an --out that is a folder or can be
+    made one, a warmup no longer than the run."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             return f"--{f.name.replace('_', '-')} must be a finite number (got {value})"
-    if getattr(cfg, "seed", 0) < 0:
-        return f"--seed must be >= 0 (got {cfg.seed})"
+    if not 0 <= getattr(cfg, "seed", 0) <= MAX_SEED:
+        return f"--seed must lie in [0, {MAX_SEED}] (got {cfg.seed})"
     out = getattr(cfg, "out", "")
     if out and os.path.exists(out) and not os.path.isdir(out):
         return f"--out {out!r} is an existing file, not a folder"
+    parent = os.path.dirname(os.path.abspath(out)) if out else ""
+    while parent and not os.path.exists(parent):  # the nearest existing folder above --out must be one
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        return f"--out {out!r} lies below {parent!r}, an existing file"
     if hasattr(cfg, "warmup") and hasattr(cfg, "steps") and cfg.warmup > cfg.steps:
         return f"--warmup {cfg.warmup} is longer than --steps {cfg.steps}"
     return None

@@ -1359,6 +1359,21 @@ def test_out_naming_a_file_is_refused(script, tmp_path):
     assert path.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("script", [s + ".py" for s in SCRIPTS])
+@pytest.mark.parametrize("args", [["--out", "FILE/sub/run"], ["--seed", str(2**32)], ["--seed", str(C.MAX_SEED + 1)]])
+def test_out_below_a_file_and_seeds_numpy_refuses(script, args, tmp_path, capsys):
+    """os.makedirs and np.random.seed would raise after the checks: both are refused up front."""
+    (tmp_path / "FILE").write_text("keep me")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    import importlib
+    mod = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as exc:
+        C.cli(mod.Config, "", mod.QUICK, mod.validate, argv=["--quick", *args], small=mod.SMALL)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and ": error: " in err, err
+    assert (tmp_path / "FILE").read_text() == "keep me"
+
+
 # ===================================================================================== geometry (Fig 4)
 def test_geometry_leaves_same_node_pairs_out():
     import star_in_weights as S
@@ -1945,9 +1960,25 @@ def test_sign_check_needs_the_majority_on_every_graph():
 
 # ---------------------------------------------------------------------------------------------- scripts
 @pytest.mark.parametrize("flags", [["--seeds", "0,0"], ["--seeds", "a"], ["--seeds", "-1"], ["--seeds", ""],
-                                   ["--seeds", "0,,1"], ["--majority", "0"], ["--majority", "1.5"]])
+                                   ["--seeds", "0,,1"], ["--seeds", "\u00b2"], ["--majority", "0"], ["--majority", "1.5"],
+                                   ["--seed", str(2**31 - 1), "--seeds", "0,1"], ["--study", "regularizers", "--untied"],
+                                   ["--graphs", "grid,moon"], ["--arch", ""]])
 def test_bad_seed_flags_exit_2_with_one_line(flags, tmp_path, capsys):
     assert_bad_input("tiny_graphs.py", flags, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("flags,checked", [(["--arch", "associative-fast"], None),  # memorization alone: no claim
+                                           (["--untied", "--arch", "transformer"], None),  # no margin to check
+                                           (["--forward-only", "--arch", "transformer"], "Transformer margin > 0")])
+def test_tiny_graphs_claims_only_what_its_selection_checks(flags, checked, tmp_path):
+    cfg = C.cli(TG.Config, "", TG.QUICK, TG.validate, argv=["--quick", "--seeds", "0", *flags, "--out", str(tmp_path)])
+    res = TG.run(cfg)
+    if checked is None:
+        assert res["verdict"]["reproduced"] is None and "why_not" not in res["verdict"]
+        assert "margin" not in res["claim"] and list(res["checks"]) == ["all_runs_memorize_100pct_topk"]
+    else:
+        assert isinstance(res["verdict"]["reproduced"], bool) and checked in res["claim"]
+        assert "TinyNN" not in res["claim"] and "associative" not in res["claim"]
 
 
 def test_tiny_graphs_quick_end_to_end(tmp_path):
