@@ -1017,18 +1017,23 @@ def progress_line(record: dict, total_steps: int) -> str:
 EVAL_BUDGET = 2 ** 25  # logits held at once by an evaluation chunk (128 MB in fp32): memory stays flat in V
 
 
-def eval_chunk(model, n_logit_rows_per_example: int = 1, budget: int = EVAL_BUDGET) -> int:
-    """Examples per evaluation chunk so that one chunk's logits (chunk x rows x V) fit the budget
-    (a model without a config, e.g. a test oracle, is assumed to have a 64k vocabulary)."""
-    vocab = getattr(getattr(model, "cfg", None), "vocab_size", 2 ** 16)
-    return max(1, budget // max(1, n_logit_rows_per_example * vocab))
+def eval_chunk(model, n_logit_rows_per_example: int = 1, seq_len: int = 2, budget: int = EVAL_BUDGET) -> int:
+    """Examples per evaluation chunk so that one chunk's logits (chunk x rows x V) fit the budget and its widest
+    activation fits 4x the budget: per example T x 4m (the GPT's MLP hidden, Mamba's in_proj at expand 2) or
+    n_head x T x T (attention scores, where SDPA is not fused). Long prompts need the second: in-context G(20,5)
+    (T ~ 250) at width 784 has 20,000 held-out graphs and ~2e4 logits each, under one chunk by the first alone.
+    A model without a config (a test oracle) is taken to have a 64k vocabulary and width 0."""
+    cfg = getattr(model, "cfg", None)
+    vocab, width, heads = (getattr(cfg, k, v) for k, v in (("vocab_size", 2 ** 16), ("n_embd", 0), ("n_head", 0)))
+    activation = seq_len * max(4 * width, heads * seq_len, 1)  # (elements per example)
+    return max(1, min(budget // max(1, n_logit_rows_per_example * vocab), 4 * budget // activation))
 
 
 @torch.no_grad()
 def greedy_generate(model, prefix: torch.Tensor, n_new: int, chunk: int | None = None) -> torch.Tensor:
     """Greedy decoding of n_new tokens after each prefix (B, P) -> (B, n_new). Sequences are a few
     tokens long, so each step re-runs the prefix (no KV cache)."""
-    chunk = chunk or eval_chunk(model)
+    chunk = chunk or eval_chunk(model, seq_len=prefix.shape[1] + n_new)
     outs = []
     for i in range(0, prefix.shape[0], chunk):
         seq = prefix[i: i + chunk]
@@ -1045,7 +1050,7 @@ def teacher_forced(model, ts: TokenSet, probe: int | None = None, chunk: int | N
     """Teacher-forced argmax at every loss position (n, A); with `probe` (an answer index, e.g. the
     first hop's) also the cross-entropy and the rank (1 = top) of the true token there: a progress
     signal that moves long before greedy accuracy does."""
-    chunk = chunk or eval_chunk(model, len(ts.loss_pos))
+    chunk = chunk or eval_chunk(model, len(ts.loss_pos), ts.inputs.shape[1])
     preds, losses, ranks = [], [], []
     for i in range(0, len(ts), chunk):
         logits = model(ts.inputs[i: i + chunk], ts.loss_pos).float()  # (c, A, V)
@@ -1377,6 +1382,7 @@ def failure_verdict(accuracy: float, n: int, chance: float, learned: dict, claim
     failure, one far *below* chance is not "at chance", and a budget under which nothing generalizes
     says nothing about the ablation."""
     lo, hi = chance_band(n, chance)
+    testable = hi < 1  # with too few examples the band holds a perfect model too: no result could fail the claim
     at_chance = lo <= accuracy <= hi
     missing = {k: v for k, v in learned.items() if not v >= LEARNED}
     control_ok = control is None or control > hi
@@ -1384,12 +1390,14 @@ def failure_verdict(accuracy: float, n: int, chance: float, learned: dict, claim
             f"n={n}, two-sided binomial alpha {CHANCE_ALPHA:g}) while {', '.join(learned)} >= {LEARNED}")
     v = verdict(accuracy, hi, text + ("" if control is None else "; the control (same budget) above the band"),
                 higher_is_better=False)
-    v.update(reproduced=bool(at_chance and not missing and control_ok), at_chance=bool(at_chance),
+    v.update(reproduced=bool(testable and at_chance and not missing and control_ok), at_chance=bool(at_chance),
              chance_band=[lo, hi], preconditions={k: float(x) for k, x in learned.items()},
              preconditions_met=not missing)
     if control is not None:
         v.update(control=float(control), control_learns=bool(control_ok))
-    if missing:
+    if not testable:
+        v["why_not"] = f"n={n} is too few: the chance band [{lo:.3g}, {hi:.3g}] holds every accuracy up to 1"
+    elif missing:
         v["why_not"] = f"not learned: {', '.join(f'{k} {x:.3f}' for k, x in missing.items())}"
     elif not at_chance:
         v["why_not"] = f"accuracy {accuracy:.4g} outside the chance band [{lo:.3g}, {hi:.3g}]"

@@ -209,6 +209,12 @@ def learned_order(history: list[dict], key: str, threshold: float = 0.9) -> list
     return [next((h["step"] for h in history if h[key][i] >= threshold), None) for i in range(n)]
 
 
+def right_to_left(steps: list) -> bool:
+    """The positions that were learned, learned from the last to the first, not all at one evaluation (a cascade)."""
+    learned = [s for s in steps if s is not None]
+    return len(learned) >= 2 and learned == sorted(learned, reverse=True) and learned[0] > learned[-1]
+
+
 def train_mode(cfg: Config, mode: str, data: dict, device: str) -> tuple[dict, list]:
     N, d = cfg.num_nodes, cfg.degree
     E = d * (cfg.path_length - 1)  # edges per prompt
@@ -334,9 +340,7 @@ def run(cfg: Config) -> dict:
     for mode, r in per_mode.items():  # flat summary keys for the README table
         metrics[f"{mode}/test_exact"], metrics[f"{mode}/test_first_hop"] = r["exact"], r["first_hop"]
     if "teacherless" in per_mode:  # right-to-left cascade: a_{l-2} reaches 90% before ... before a1
-        order = per_mode["teacherless"]["learned_step_per_position"][1:-1]
-        learned = [s for s in order if s is not None]
-        metrics["teacherless_cascade_right_to_left"] = bool(len(learned) >= 2 and learned == sorted(learned, reverse=True))
+        metrics["teacherless_cascade_right_to_left"] = right_to_left(per_mode["teacherless"]["learned_step_per_position"][1:-1])
     figures = plot(per_mode, histories, cfg, out)
     history = [h for mode in modes for h in histories[mode]]
     return C.write_results(out, SCRIPT, "App. A / Fig 13, Fig 34 right: in-context path-star, next-token fails, reverse learned",

@@ -509,6 +509,17 @@ def test_edge_metrics_with_ties_match_a_brute_force_count(chunk):
     assert abs(C.edge_metrics(Table(), g, chunk=chunk)["edge_topk"] - np.mean(degrees / V)) < 1e-6
 
 
+def test_eval_chunk_bounds_logits_and_activations():
+    """Short prompts and large vocabularies: the logits set the chunk (the headline's is unchanged); long prompts at
+    a small vocabulary: the activations do (in-context G(20,5), T ~ 250, width 784: all 20,000 graphs in one chunk
+    before, 11.4 GB resident at 8,000 graphs and width 128 on the CPU; 2.0 GB with the bound, same metrics)."""
+    model = lambda **kw: type("M", (), {"cfg": C.GPTConfig(**kw)})()  # noqa: E731
+    assert C.eval_chunk(model(vocab_size=20_008), 1, 8) == C.EVAL_BUDGET // 20_008  # the headline
+    long = C.eval_chunk(model(vocab_size=108, n_embd=784, n_head=8), 5, 247)
+    assert long * 247 * 4 * 784 <= 4 * C.EVAL_BUDGET < (long + 1) * 247 * 4 * 784 and long < 20_000
+    assert C.eval_chunk(model(vocab_size=108, n_embd=16, n_head=8), 1, 4096) * 8 * 4096 ** 2 <= 4 * C.EVAL_BUDGET
+
+
 def test_sequence_metrics_counts_exact_and_positions():
     class Copy(torch.nn.Module):  # predicts token id (input + 1) everywhere
         def forward(self, idx, loss_pos=None):
@@ -1020,6 +1031,12 @@ def test_in_context_masks_and_teacherless_inputs():
     assert ft.inputs.shape[1] == P and (ft.targets[:, : P - 1] == -1).all()
 
 
+def test_in_context_cascade_needs_an_order():
+    assert SIC.right_to_left([900, 600, 300]) and SIC.right_to_left([900, None, 300, 300])
+    assert not SIC.right_to_left([250, 250, 250])  # all positions at one evaluation: no cascade
+    assert not SIC.right_to_left([300, 600]) and not SIC.right_to_left([300, None, None])
+
+
 def test_in_context_validate_rejects_bad_input():
     ok = SIC.Config(**SIC.QUICK)
     assert SIC.validate(ok) is None
@@ -1136,6 +1153,10 @@ def test_failure_verdict_needs_learning_chance_and_a_control():
     below = C.failure_verdict(0.035, 200, 0.5, learned, "x")  # far *below* chance is not "at chance"
     assert not below["reproduced"] and "outside" in below["why_not"]
     assert not C.failure_verdict(0.0, 250, 0.01, learned, "x", control=0.0)["reproduced"]  # nobody generalized
+    assert C.chance_band(10, 0.5) == (0.0, 1.0)  # 10 coin flips: every count is "chance", a perfect model too
+    few = C.failure_verdict(1.0, 10, 0.5, learned, "x")
+    assert few["at_chance"] and not few["reproduced"] and "too few" in few["why_not"]
+    assert C.failure_verdict(0.5, 60, 0.5, learned, "x")["reproduced"]  # 60 flips: the band excludes 1
 
 
 def _path_final(test_first, test_exact, edge, train_first, train_exact, control=None):
