@@ -13,7 +13,8 @@ Each sweep is a plain `sweep.py` call (printed before it runs), so any one can b
 by hand. Proxy model: GPT 4x128, 4 heads, batch 256, warmup 300, eval every 250 steps, cap 4,000
 steps, stop at 90% held out (`--stop-at 0.9`), CPU with one thread per point.
 
-Outputs in --out (default results/recipe_study/): study.md (the table and the fits), study.csv (one
+Outputs in --out (default results/recipe_study/, on purpose: it regenerates the committed, curated study;
+give another --out to keep that one as it is): study.md (the table and the fits), study.csv (one
 row per run), steps_to_90.png (steps and epochs to 90% against d, log-log, median and min..max over
 seeds, one line per recipe, with the fitted power law).
 
@@ -22,12 +23,17 @@ at batch 256 on G(d,5), hardest token, made by hand with the command in the READ
 its lever and seed read from its own results.json) and writes levers.md (the step at which held-out
 first-token accuracy first reached 0.90, per degree, lever and seed; what the run had memorized by
 then) and levers.png (the held-out curves, a panel per degree). Nothing is run.
+
+Every file is written to a temp file, then renamed (sweep.atomic_write): an interrupted run leaves the
+study as it was. Bad input (an --out that is a file, an unknown flag) is a one-line error, exit status 2,
+before anything runs.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import glob
+import io
 import json
 import math
 import os
@@ -142,7 +148,7 @@ def plot(tables: dict[str, list[dict]], fits: dict, path: str) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.suptitle("In-weights path-star, GPT 4x128, batch 256 (CPU): time to generalize against d", fontsize=9)
-    fig.savefig(path, dpi=120)
+    sweep.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # format: tmp has no .png
     plt.close(fig)
 
 
@@ -169,10 +175,11 @@ def aggregate(out: str) -> dict | None:
             for r in read_runs(GRID_D400[0])]
     all_rows += grid
     keys = list(dict.fromkeys(k for r in all_rows for k in r))
-    with open(os.path.join(out, "study.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(all_rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(all_rows)
+    sweep.write_text(os.path.join(out, "study.csv"), buf.getvalue())
     lines = ["# Recipe study: steps to generalize on G(d,5), GPT 4x128, batch 256, cap 4,000 steps", "",
              "| recipe | d | seeds | steps to 50% (median; each) | steps to 90% (median; each) | epochs to 90% (median) "
              "| peak held-out (median) | edge top-k (min) |", "|---|---|---|---|---|---|---|---|"]
@@ -192,8 +199,7 @@ def aggregate(out: str) -> dict | None:
         for r in sorted(grid, key=lambda r: (r["embed_lr_mult"], r["weight_decay"])):
             lines.append(f"| {r['embed_lr_mult']:g} | {r['weight_decay']:g} | {show(r['step_50'])} | {show(r['step_90'])} | "
                          f"{r['peak_test_first_token']:.3f} | {r['edge_topk']:.4f} |")
-    with open(os.path.join(out, "study.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    sweep.write_text(os.path.join(out, "study.md"), "\n".join(lines) + "\n")
     if tables:
         plot(tables, fits, os.path.join(out, "steps_to_90.png"))
     print("\n".join(lines))
@@ -256,8 +262,7 @@ def levers(out: str, rows: list[dict]) -> None:
     for r in rows:
         lines.append(f"| {r['degree']} | {r['lever']} | {r['seed']} | {r['cap']:,} | {cell(r)} | {r['held_out']:.3f} | "
                      f"{r['edge_top1_valid']:.3f} | {r['train_first_token']:.3f} | {r['seconds']:,.0f} | {r['folder']} |")
-    with open(os.path.join(out, "levers.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    sweep.write_text(os.path.join(out, "levers.md"), "\n".join(lines) + "\n")
     plot_levers(rows, degrees, names, os.path.join(out, "levers.png"))
     print("\n".join(lines))
 
@@ -278,16 +283,28 @@ def plot_levers(rows: list[dict], degrees: list[int], names: list[str], path: st
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.suptitle("GPT 12x384, batch 256 (CPU): the embedding-LR multiplier and the body LR", fontsize=9)
-    fig.savefig(path, dpi=120)
+    sweep.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
+def fail(message: str):
+    print(f"recipe_study: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n")[:2]))
+    p.error = fail  # one line, exit status 2, no usage dump (as sweep.py and common.cli)
     p.add_argument("--run", action="store_true", help="run the sweeps first (finished points are skipped)")
     p.add_argument("--levers", action="store_true", help="only the 12x384 levers: levers.md and levers.png")
-    p.add_argument("--out", default=os.path.join("results", "recipe_study"), help="where the summary goes")
+    p.add_argument("--out", default=os.path.join("results", "recipe_study"),
+                   help="where the summary goes; the default regenerates the committed, curated study on purpose "
+                        "(give another folder to keep it)")
     args = p.parse_args(argv)
+    problem = sweep.out_problem(args.out)  # before the ~1 h of --run, not after
+    if problem:
+        print(f"recipe_study: {problem}", file=sys.stderr)
+        return 2
     if args.run and args.levers:
         print("recipe_study: --levers runs nothing (its runs are made by hand); give one of --run, --levers",
               file=sys.stderr)

@@ -10,9 +10,18 @@ Commands
     python sweep.py --aggregate runs/sweep/degree_lr --metric peak_test_first_token   # another metric
 
 --grid may repeat (cartesian product; values cannot contain commas); --set goes to every point;
-NAME=true/false becomes --name / --no-name; names take _ or -. --metric is a dotted path in the
-metrics (or verdict.value, the default, or verdict.reproduced); --reach 'KEY>=V' (may repeat; quote
-it, > is a shell redirection) asks for the first history step with KEY >= V.
+NAME=true/false becomes --name / --no-name; names take _ or -; a whole number in scientific notation
+(steps=1e3) is passed as an integer (--steps 1000), which int flags accept. --metric is a dotted path
+in the metrics (or verdict.value, the default, or verdict.reproduced); --reach 'KEY>=V' (may repeat;
+quote it, > is a shell redirection) asks for the first history step with KEY >= V. It needs a history
+whose steps increase: star_in_context.py, tree_star.py, freeze_embeddings.py and tiny_graphs.py put
+several modes, splits, arms or runs into one history (the step count restarts), so for such a point
+the reach is left empty, with a note in summary.md, rather than taken from whichever got there first.
+
+Before anything is written or run, every point's flags are parsed and validated by the script's own
+CLI (common.cli, in one subprocess that imports the script but runs nothing): a bad flag or value is
+a one-line error naming the point, exit status 2. Scripts not built on common.cli are not checked.
+--out must be a folder (or not exist yet), not a file or below one.
 
 Writes into --out: points/<key>/ per point (e.g. degree=200__lr=0.001__seed=0: the script's --out,
 plus log.txt), sweep.json (the spec, so `--aggregate OUT` alone redoes the summary), summary.csv
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import decimal
 import io
 import itertools
 import json
@@ -62,11 +72,19 @@ def flag_name(name: str) -> str:
     return name
 
 
+SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def parse_value(text: str):
-    """'true'/'false' -> bool, then int, then float, else the string."""
+    """'true'/'false' -> bool, then int, then float, else the string. A whole number in scientific
+    notation (1e3, 2.5e3) is an int: as a float it would reach the command as 1000.0, which int flags reject."""
     text = text.strip()
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if SCIENTIFIC.fullmatch(text):
+        exact = decimal.Decimal(text)
+        if exact.adjusted() < 19 and exact == exact.to_integral_value():  # adjusted: no 1e999999 digit strings
+            return int(exact)
     for cast in (int, float):
         try:
             return cast(text)
@@ -99,6 +117,70 @@ def parse_reach(text: str) -> tuple[str, float]:
         return m.group(1), float(m.group(2))
     except (AttributeError, ValueError):
         raise BadInput(f"--reach expects KEY>=NUMBER, got {text!r}") from None
+
+
+def out_problem(out: str) -> str | None:
+    """Why `out` cannot be a folder to write into (a file, or below one; not writable), else None."""
+    path = os.path.abspath(out)
+    while not os.path.isdir(path):  # walk up to the first part that exists
+        if os.path.exists(path):
+            return f"--out {out}: {path} is an existing file, not a folder"
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.access(path, os.W_OK) else f"--out {out}: {path} is not writable"
+
+
+# Run in a subprocess (the script imports torch; importing runs nothing, its main is behind __main__):
+# common.cli parses and validates each point's argv and exits 2 on the first bad one.
+FLAG_CHECK = r"""
+import contextlib, importlib.util, io, json, os, sys
+script = sys.argv[1]
+sys.argv[0] = script  # argparse names the script in its messages
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+spec = importlib.util.spec_from_file_location("swept_script", script)
+mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # registered: dataclasses look it up
+with contextlib.redirect_stdout(sys.stderr):
+    spec.loader.exec_module(mod)
+import common as C
+for key, argv in json.load(sys.stdin):
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            C.cli(mod.Config, "", mod.QUICK, getattr(mod, "validate", None), argv=argv,
+                  small=getattr(mod, "SMALL", None))
+    except SystemExit:
+        print(json.dumps([key, (said.getvalue().strip().splitlines() or ["refused"])[-1]]))
+        break
+"""
+
+
+def uses_common_cli(script: str) -> bool:
+    """A kit script: flags from common.cli, main behind `if __name__ == "__main__"` (so importing it runs nothing)."""
+    try:
+        with open(script) as fh:
+            source = fh.read()
+    except OSError:
+        return False
+    return "C.cli(Config" in source and re.search(r"""if __name__ == ["']__main__["']""", source) is not None
+
+
+def check_flags(script: str, points: list[dict]) -> None:
+    """Raise BadInput naming the first point whose flags the script's own CLI refuses, before anything runs;
+    otherwise a typo in --set would fail every point only after the sweep folder was written."""
+    if not points or not uses_common_cli(script):
+        return
+    argvs = [[p["key"], p["cmd"][2:]] for p in points]  # cmd = [python, script, *flags]
+    proc = subprocess.run([sys.executable, "-c", FLAG_CHECK, script], input=json.dumps(argvs), capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    name = os.path.basename(script)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise BadInput(f"could not check the flags with {name} (exit {proc.returncode}): {last}")
+    if proc.stdout.strip():
+        key, message = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise BadInput(f"{name} refuses the flags of point {key}: {message.partition('error: ')[2] or message}")
 
 
 # ---------------------------------------------------------------------------------- points
@@ -241,8 +323,18 @@ def metric_value(res: dict, path: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None  # bools count as 0/1
 
 
+def steps_restart(history: list) -> bool:
+    """True if the steps do not increase: several modes, splits, arms or runs in one history (star_in_context.py,
+    tree_star.py, freeze_embeddings.py, tiny_graphs.py), each counting from step 0 again."""
+    steps = [h["step"] for h in history if isinstance(h, dict) and isinstance(h.get("step"), (int, float))]
+    return any(b <= a for a, b in zip(steps, steps[1:]))
+
+
 def first_reach(history: list, key: str, threshold: float) -> tuple:
-    """(step, epoch) of the first history record with record[key] >= threshold, else (None, None)."""
+    """(step, epoch) of the first history record with record[key] >= threshold, else (None, None).
+    ValueError if the steps restart: the first record to get there may belong to another mode than the one meant."""
+    if steps_restart(history):
+        raise ValueError("its history's steps restart (several modes, splits or arms in one run)")
     for h in history:
         v = lookup(h, key)
         if isinstance(v, (int, float)) and v >= threshold:
@@ -250,8 +342,9 @@ def first_reach(history: list, key: str, threshold: float) -> tuple:
     return None, None
 
 
-def collect(spec: dict, out: str) -> list[dict]:
-    """One row per point: swept flags, seed, status, metric, reproduced, seconds, reach step/epoch."""
+def collect(spec: dict, out: str, ambiguous: list | None = None) -> list[dict]:
+    """One row per point: swept flags, seed, status, metric, reproduced, seconds, reach step/epoch. The reach of a
+    point whose history restarts its steps is left empty and its key appended to `ambiguous`."""
     rows = []
     for p in make_points(spec, out):
         res = load_results(p["out"])
@@ -260,7 +353,12 @@ def collect(spec: dict, out: str) -> list[dict]:
         row.update(metric=metric_value(res, spec["metric"]), reproduced=lookup(res, "verdict.reproduced"),
                    seconds=res.get("seconds"))
         for reach in spec["reach"]:
-            row[f"{reach} step"], row[f"{reach} epoch"] = first_reach(res.get("history") or [], *parse_reach(reach))
+            try:
+                row[f"{reach} step"], row[f"{reach} epoch"] = first_reach(res.get("history") or [], *parse_reach(reach))
+            except ValueError:
+                row[f"{reach} step"] = row[f"{reach} epoch"] = None
+                if ambiguous is not None and p["key"] not in ambiguous:
+                    ambiguous.append(p["key"])
         rows.append(row)
     return rows
 
@@ -294,7 +392,7 @@ def fmt(x) -> str:
     return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def markdown(spec: dict, table: list[dict]) -> str:
+def markdown(spec: dict, table: list[dict], ambiguous: list = ()) -> str:
     head = list(spec["grid"]) + ["n", f"{spec['metric']} mean", "std", "min", "max", "reproduced", "seconds"]
     head += [f"{reach}: median step (reached)" for reach in spec["reach"]]
     lines = [f"# Sweep of {os.path.basename(spec['script'])}, seeds {spec['seeds']}", "",
@@ -307,7 +405,12 @@ def markdown(spec: dict, table: list[dict]) -> str:
         cells += [f"{fmt(g[f'{r} median'])} ({len(g[f'{r} steps'])}/{g['done']})" for r in spec["reach"]]
         lines.append("| " + " | ".join(cells) + " |")
     fixed = ", ".join(f"{k}={format_value(v)}" for k, v in spec["set"].items())
-    return "\n".join(lines + ["", f"Fixed flags: {fixed or 'none'}."]) + "\n"
+    lines += ["", f"Fixed flags: {fixed or 'none'}."]
+    if ambiguous:
+        lines += ["", f"--reach left empty for {len(ambiguous)} point(s) whose history restarts its steps (several "
+                  "modes, splits or arms in one run, so the first step reaching a level is ambiguous): "
+                  f"{', '.join(ambiguous)}."]
+    return "\n".join(lines) + "\n"
 
 
 def plot(spec: dict, table: list[dict], path: str) -> None:
@@ -353,7 +456,8 @@ def plot(spec: dict, table: list[dict], path: str) -> None:
 
 def aggregate(spec: dict, out: str) -> list[dict]:
     """Write OUT/summary.csv, summary.md and summary.png from the points of `spec` found in OUT."""
-    rows = collect(spec, out)
+    ambiguous = []
+    rows = collect(spec, out, ambiguous)
     done = [r for r in rows if r["status"] == "done"]
     if done and all(r["metric"] is None for r in done):  # likely a typo in --metric: say what exists
         res = next(filter(None, (load_results(p["out"]) for p in make_points(spec, out))))
@@ -365,7 +469,10 @@ def aggregate(spec: dict, out: str) -> list[dict]:
     writer.writerows({k: "" if v is None else format_value(v) for k, v in r.items()} for r in rows)
     write_text(os.path.join(out, "summary.csv"), buf.getvalue())
     table = group(spec, rows)
-    write_text(os.path.join(out, "summary.md"), markdown(spec, table))
+    write_text(os.path.join(out, "summary.md"), markdown(spec, table, ambiguous))
+    if ambiguous:
+        print(f"[sweep] --reach left empty for {len(ambiguous)} point(s): their history restarts its steps "
+              "(several modes, splits or arms in one run); see summary.md", file=sys.stderr)
     plot(spec, table, os.path.join(out, "summary.png"))
     print(f"[sweep] {len(done)}/{len(rows)} points done; wrote summary.csv, summary.md, summary.png in {out}")
     return table
@@ -410,6 +517,12 @@ def apply_aggregation_flags(spec: dict, args) -> dict:
     return spec
 
 
+def any_finished(out: str) -> bool:
+    """Whether a point folder under out/points holds a results.json that parses."""
+    points = os.path.join(out, "points")
+    return os.path.isdir(points) and any(load_results(os.path.join(points, k)) for k in os.listdir(points))
+
+
 def fail(message: str):
     print(f"sweep.py: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -426,7 +539,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="points at once (at most one per GPU)")
     p.add_argument("--x", help="flag on the figure's x axis (default: the first --grid flag)")
     p.add_argument("--metric", help="dotted path in metrics, or verdict.value (default) / verdict.reproduced")
-    p.add_argument("--reach", action="append", help="KEY>=V: first history step reaching it (repeatable)")
+    p.add_argument("--reach", action="append", help="KEY>=V: first history step reaching it (repeatable; left empty "
+                   "where a history restarts its steps: several modes, splits or arms in one run)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--aggregate", metavar="OUT", help="only redo the summary of an existing sweep folder")
     args = p.parse_args(argv)
@@ -439,15 +553,21 @@ def main(argv=None) -> int:
             return 0
         if not args.script or not args.out:
             raise BadInput("give SCRIPT and --out (or --aggregate OUT)")
+        problem = out_problem(args.out)
+        if problem:
+            raise BadInput(problem)
         spec = build_spec(args)
-        old = read_json(os.path.join(args.out, "sweep.json"))  # reused points must be of the same experiment
-        if old and (os.path.basename(old["script"]) != os.path.basename(spec["script"]) or old["set"] != spec["set"]):
+        points = make_points(spec, args.out)
+        todo = [pt for pt in points if load_results(pt["out"]) is None]
+        # reused points must be of the same experiment; a folder with no finished point has none to mix up
+        old = read_json(os.path.join(args.out, "sweep.json"))
+        if (old and (os.path.basename(old.get("script", "")) != os.path.basename(spec["script"])
+                     or old.get("set") != spec["set"]) and any_finished(args.out)):
             raise BadInput(f"{args.out} holds a sweep with another script or other --set flags; use a new --out")
+        check_flags(spec["script"], todo)
     except BadInput as e:
         fail(str(e))
 
-    points = make_points(spec, args.out)
-    todo = [pt for pt in points if load_results(pt["out"]) is None]
     print(f"[sweep] {len(points)} points: {len(points) - len(todo)} finished (skipped), {len(todo)} to run")
     if args.dry_run:
         print("\n".join(shlex.join(pt["cmd"]) for pt in todo))

@@ -1789,6 +1789,161 @@ def test_run_local_threads_and_one_point_per_gpu(fake, tmp_path, monkeypatch):
     assert all(e["OMP_NUM_THREADS"] == "1" and e["MKL_NUM_THREADS"] == "1" for e in envs)
 
 
+def test_sweep_out_that_is_a_file_or_below_one_exits_2(fake, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out in (afile, afile / "sub"):  # was FileExistsError / NotADirectoryError: a traceback, exit 1
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main([str(fake), "--grid", "degree=20,40", "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("sweep.py: error: --out ") and "file" in err, err
+    assert afile.read_text() == "keep me" and calls(fake) == []
+
+
+def test_sweep_checks_every_points_flags_with_the_scripts_cli_before_writing(tmp_path, capsys):
+    script = os.path.join(HERE, "star_in_weights.py")
+    out = tmp_path / "sw"
+    for args, named in ((["--set", "bogus=1"], "--bogus"),  # a typo in --set: was found only inside each point
+                        (["--grid", "degree=20,1"], "degree=1__seed=0"),  # validate(): degree >= 2
+                        (["--grid", "degree=20", "--set", "lr=fast"], "--lr")):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main([script, *args, "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "star_in_weights.py refuses the flags of point" in err, err
+        assert named in err, err
+        assert not out.exists()  # no sweep.json, no points/*/log.txt: nothing to get stuck on
+    # good flags pass the check (--dry-run: nothing runs, nothing is written)
+    assert sweep.main([script, "--grid", "degree=20,40", "--set", "quick=true", "--out", str(out), "--dry-run"]) == 0
+    assert "2 to run" in capsys.readouterr().out and not out.exists()
+
+
+def test_sweep_folder_with_no_finished_point_accepts_corrected_set_flags(fake, tmp_path, capsys):
+    # a sweep whose every point failed (e.g. a bad --set, from before the flags were checked) is not stuck
+    out = tmp_path / "sw"
+    (out / "points" / "degree=20__seed=0").mkdir(parents=True)
+    (out / "points" / "degree=20__seed=0" / "log.txt").write_text("error: unrecognized arguments: --bogus 1\n")
+    (out / "sweep.json").write_text(json.dumps(dict(script=str(fake), grid={"degree": [20]}, set={"bogus": 1},
+                                                    seeds=[0], metric="verdict.value", reach=[], x="degree")))
+    assert sweep.main([str(fake), "--grid", "degree=20", "--set", "double=true", "--out", str(out)]) == 0
+    assert json.loads((out / "sweep.json").read_text())["set"] == {"double": True}
+    # but a folder with a finished point of another experiment is still refused
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main([str(fake), "--grid", "degree=20", "--set", "double=false", "--out", str(out)])
+    assert exit_info.value.code == 2 and "another script or other --set flags" in capsys.readouterr().err
+
+
+def test_sweep_whole_numbers_in_scientific_notation_reach_int_flags_as_integers(fake, tmp_path, capsys):
+    assert sweep.parse_value("1e3") == 1000 and type(sweep.parse_value("1e3")) is int
+    assert sweep.parse_value("2.5E3") == 2500 and type(sweep.parse_value("-1e2")) is int
+    assert type(sweep.parse_value("1000.0")) is float and sweep.parse_value("1e-3") == 0.001  # as written: floats
+    out = tmp_path / "sw"  # the fake's --degree is an int flag: '--degree 20.0' failed every point
+    assert sweep.main([str(fake), "--grid", "degree=2e1,4e1", "--out", str(out), "--metric", "final"]) == 0
+    assert sorted(os.path.basename(c) for c in calls(fake)) == ["degree=20__seed=0", "degree=40__seed=0"]
+    assert json.loads((out / "sweep.json").read_text())["grid"] == {"degree": [20, 40]}
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [(r["degree"], r["status"]) for r in rows] == [("20", "done"), ("40", "done")]
+    # and a kit script's int flag: --steps 1000, not --steps 1000.0
+    script = os.path.join(HERE, "star_in_weights.py")
+    assert sweep.main([script, "--grid", "steps=1e3,2e3", "--set", "quick=true", "--out", str(tmp_path / "k"),
+                       "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "--quick --steps 1000 --seed 0" in printed and "--steps 2000 --seed 0" in printed, printed
+
+
+def test_sweep_reach_is_left_empty_where_a_history_restarts_its_steps(fake, tmp_path, capsys):
+    one = [{"step": s, "epoch": s // 20, "acc": s / 100} for s in (0, 50, 100)]
+    assert sweep.first_reach(one, "acc", 0.5) == (50, 2)
+    two_modes = [{"step": s, "acc": a} for s, a in ((0, 0.0), (50, 0.9), (0, 0.0), (50, 0.1))]  # star_in_context-like
+    with pytest.raises(ValueError):
+        sweep.first_reach(two_modes, "acc", 0.5)
+    out = tmp_path / "sw"
+    assert sweep.main([str(fake), "--grid", "degree=20,40", "--out", str(out), "--reach", "acc>=0.25"]) == 0
+    capsys.readouterr()
+    path = out / "points" / "degree=40__seed=0" / "results.json"
+    res = json.loads(path.read_text())
+    res["history"] = res["history"] + [dict(h, acc=0.0) for h in res["history"]]  # a second mode, from step 0
+    path.write_text(json.dumps(res))
+    assert sweep.main(["--aggregate", str(out)]) == 0
+    rows = {r["degree"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert rows["20"]["acc>=0.25 step"] == "50" and rows["40"]["acc>=0.25 step"] == ""  # was 30: the first mode's
+    assert "left empty for 1 point(s)" in (out / "summary.md").read_text()
+    assert "degree=40__seed=0" in (out / "summary.md").read_text()
+    assert "--reach left empty for 1 point(s)" in capsys.readouterr().err
+
+
+def test_recipe_study_bad_out_and_bad_flags_are_one_line_before_anything_runs(tmp_path, monkeypatch, capsys):
+    import recipe_study as RS
+    ran = []
+    monkeypatch.setattr(RS, "all_sweeps", lambda: ran.append("sweeps") or [])  # the ~1 h sweeps of --run
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for args in (["--run", "--out", str(afile)], ["--out", str(afile / "sub")], ["--levers", "--out", str(afile)]):
+        assert RS.main(args) == 2
+    assert ran == [] and afile.read_text() == "keep me"  # --run checked --out only after its sweeps
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("recipe_study: --out ") for e in errors), errors
+    proc = run_cmd(["recipe_study.py", "--bogus"], tmp_path)  # argparse's usage dump was two lines
+    assert proc.returncode == 2 and proc.stderr.strip() == "recipe_study: error: unrecognized arguments: --bogus"
+    assert os.listdir(tmp_path) == ["afile"]
+    with pytest.raises(SystemExit):
+        RS.main(["--help"])
+    assert "curated study on purpose" in " ".join(capsys.readouterr().out.split())
+
+
+def test_recipe_study_writes_are_atomic(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import recipe_study as RS
+    monkeypatch.setattr(RS, "RUNS", str(tmp_path / "runs"))
+    for d in (100, 200):  # two finished points of the recipe's sweep
+        folder = tmp_path / "runs" / RS.SWEEPS["embed x10, wd 0.1"][0] / "points" / f"degree={d}__seed=0"
+        folder.mkdir(parents=True)
+        hist = [{"step": s, "epoch": s / 100, "test_first_token": a} for s, a in ((0, 0.0), (250, 0.6), (500, 0.95))]
+        json.dump({"config": {"degree": d, "seed": 0, "embed_lr_mult": 10.0, "weight_decay": 0.1}, "history": hist,
+                   "metrics": {"peak_test_first_token": 0.95, "edge_topk": 1.0, "train_first_token": 1.0}},
+                  open(folder / "results.json", "w"))
+    out = tmp_path / "study"
+    out.mkdir()
+    for name in ("study.csv", "study.md", "steps_to_90.png"):
+        (out / name).write_text("the kept study")
+
+    def interrupted(self, fname, *args, **kwargs):  # a write cut off half way
+        with open(fname, "w") as fh:
+            fh.write("half")
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    monkeypatch.setattr(csv.DictWriter, "writerows", lambda self, rows: (_ for _ in ()).throw(RuntimeError("interrupted")))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        RS.main(["--out", str(out)])
+    assert all((out / n).read_text() == "the kept study" for n in ("study.csv", "study.md", "steps_to_90.png"))
+    monkeypatch.undo()
+    monkeypatch.setattr(RS, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):  # the figure is written last: the tables are new, the old figure whole
+        RS.main(["--out", str(out)])
+    assert (out / "steps_to_90.png").read_text() == "the kept study" and "100" in (out / "study.csv").read_text()
+    monkeypatch.undo()
+    monkeypatch.setattr(RS, "RUNS", str(tmp_path / "runs"))
+    assert RS.main(["--out", str(out)]) == 0
+    assert (out / "steps_to_90.png").read_bytes()[:4] == b"\x89PNG" and "| 200 |" in (out / "study.md").read_text()
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp_")]  # no temp file left behind
+    # levers.md and levers.png: the same
+    run = tmp_path / "levers" / "gpt12x384_d400" / "x30"
+    run.mkdir(parents=True)
+    cfg = {"degree": 400, "embed_lr_mult": 30.0, "seed": 0, "lr": 3e-4, "layers": 12, "width": 384, "batch_size": 256,
+           "steps": 4000}
+    hist = [{"step": s, "test_first_token": a, "edge_top1_valid": 1.0, "train_first_token": 1.0} for s, a in ((0, 0), (250, 1))]
+    json.dump({"config": cfg, "history": hist, "seconds": 1.0}, open(run / "results.json", "w"))
+    (tmp_path / "levers" / "levers.png").write_text("the kept figure")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        RS.main(["--levers", "--out", str(tmp_path / "levers")])
+    assert (tmp_path / "levers" / "levers.png").read_text() == "the kept figure"
+    assert not [f for f in os.listdir(tmp_path / "levers") if f.startswith(".tmp_")]
+
+
 def test_node2vec_spectral_verdict_learned_vs_unlearned():
     import node2vec_spectral as N2V
     cfg = C.cli(N2V.Config, "", N2V.QUICK, N2V.validate, argv=[])
