@@ -1953,6 +1953,11 @@ def test_node2vec_spectral_verdict_learned_vs_unlearned():
                                "final_energy_top": last["energy_top"], "zigzag_ratio": 0.0}
     assert N2V.compute_verdict([summary("a", trained), summary("b", trained)], cfg)[0]["reproduced"]
     assert not N2V.compute_verdict([summary("a", trained), summary("b", init)], cfg)[0]["reproduced"]
+    # the 3-cycle's top band is its whole non-trivial spectrum: energy 1.0 at init, no rest to compare C e_i with
+    start = {**init, "energy_top": 1.0, "Ce_ratio": None}
+    v = N2V.compute_verdict([{**summary("c3", {**trained, "energy_top": 1.0, "Ce_ratio": None}),
+                              "checks": N2V.graph_checks(start, {**trained, "energy_top": 1.0, "Ce_ratio": None}, cfg)}], cfg)[0]
+    assert not v["reproduced"] and "c3/energy_top_below_0.9_at_init" in v["why_not"] and "Ce_top" in v["why_not"]
 
 
 # ===================================================================================== tiny graphs: the margin, seeds (issue 8)
