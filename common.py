@@ -975,10 +975,10 @@ def train(model: nn.Module, sets: list[TokenSet], tc: TrainConfig, device, seed:
     eval_seconds = 0.0
     for step in range(tc.steps + 1):
         if step % tc.eval_every == 0 or step == tc.steps:
-            t0 = time.time()
+            train_loss = (running.item() / n_running) if n_running else None  # waits for the steps in flight
+            t0 = time.time()  # so that their time is training's, not the evaluation's
             record = {"step": step + step_offset, "epoch": round(step * sum(shares) / examples, 3),
-                      "seconds": round(t0 - start + seconds_offset, 2),
-                      "train_loss": (running.item() / n_running) if n_running else None}
+                      "seconds": round(t0 - start + seconds_offset, 2), "train_loss": train_loss}
             model.eval()
             with torch.no_grad(), autocast(device, tc.precision):
                 record.update(evaluate() if evaluate else {})
@@ -1497,15 +1497,17 @@ def path_task_evaluator(model, g: Graph, train_set: TokenSet, test_set: TokenSet
 
 
 @torch.no_grad()
-def path_error_kinds(model, g: Graph, ts: TokenSet, paths: np.ndarray) -> dict:
+def path_error_kinds(model, g: Graph, ts: TokenSet, paths: np.ndarray, precision: str = "bf16") -> dict:
     """Where the wrong tokens of a path set go, teacher-forced (the true prefix fed), per answer position.
     `paths` (n, l) are the sets' root-to-leaf paths, row for row. A wrong token is an `echo` of the node
     just fed, another node of its `own_path` (a step skipped or taken back), a `wrong_branch` (another
     neighbour of the node fed, off the path: another arm's a1 at the root, a sibling leaf in a tree),
     `elsewhere` in the graph (also another arm's a1 with the hardest token, whose prompt has no root), or
     `not_a_node`. A memory that knows the arm but not the step errs on the path; one that cannot tell
-    neighbours apart errs at branches."""
-    pred, _ = teacher_forced(model, ts)  # (n, A)
+    neighbours apart errs at branches. `precision`: the evaluations' (bf16 on a GPU), so that the counts match
+    the accuracies beside them (in fp32 the GPU headline counted 56 wrong first hops against bf16's 55)."""
+    with torch.no_grad(), autocast(ts.inputs.device, precision):
+        pred, _ = teacher_forced(model, ts)  # (n, A)
     labels, fed = ts.labels, ts.inputs[:, ts.loss_pos]  # (n, A) each: the target and the token fed before it
     paths = torch.as_tensor(paths, device=pred.device)
     N = g.num_nodes

@@ -13,15 +13,18 @@ Stage 1 (run on 2026-12-04 on one H200; results/gpu_check/, README rows 1-9 and 
 Stage 2 (what the throughput and the standards need to know first):
   env        as above
   determinism the headline's configuration for 300 steps, twice with one seed in the default mode and
-             twice with --deterministic, the four side by side: are the science metrics the same (the
-             kit's standard), and what do deterministic kernels cost
+             twice with --deterministic, the four side by side (150 s cap): are the science metrics the same
+             (the kit's standard), and what do deterministic kernels cost (steps/s after the first
+             evaluation: the whole run's is mostly its cold compile); a kernel that stayed nondeterministic
+             (warn_only) or a compile without CUDA graphs is named from the logs
   profile    the bench with --profile, one after the other: in both compile modes, whole model against
              --regional-compile (one layer compiled for all 12: compile + 30 steps 65-74 -> 28-30 s on
              the CPU, the step the same within noise there) and --merge-sets (one forward over a step's
              edges and paths: ~40% fewer kernels by inductor's count on the CPU): torch.profiler's table
              and, per step, kernels, launches, graph launches and GPU busy time against wall time, and the
              first 30 steps' seconds (compile; the default mode's whole-model cache is warm from
-             determinism, every other one cold)
+             determinism, every other one cold); each run stopped at 120 s of its own (goal runs: 240 s),
+             so that one that hangs does not take the next ones' time
 Stage 3 (the headline's 120 s goal; 239 s cold in the default mode, 85 s warm with CUDA graphs at 0.922):
   env        as above
   goal       the headline with CUDA graphs and --stop-at 0.95, alone, one run after the other, each from an
@@ -35,7 +38,8 @@ Stages 4-9 (the other defaults at their whole budgets):
   full       the defaults at their whole budgets with --compile-mode reduce-overhead (speed only), two at a
              time, the failure claims first, each stage sized to fit one call by ESTIMATE (`--plan` prints
              it): see STAGES and FULL below
-Nothing of a run is lost at a cap: its log holds the progress lines so far. NEXT_STAGE names the first
+Nothing of a run is lost at a cap: its log holds the progress lines so far. runs.tar.gz is written before the
+summary is built, and a summary that fails says so in summary.md: the logs come back whatever happens. NEXT_STAGE names the first
 stage not yet run; a session that runs one moves it on.
 
 Commands (from the repository root)
@@ -64,6 +68,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -181,7 +186,12 @@ STAGES = {1: "done 2026-12-04 (results/gpu_check/): the headline from a cold sta
           8: "the full path G(10^4,10) at width 784 at its whole budget",
           9: "the full path G(10^4,6) at its whole budget"}
 NEXT_STAGE = 2  # the first stage not yet run on a GPU: move it on when a session has run one
-CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 120}  # seconds; the last phase gets what is left
+CAPS = {"env": 30, "headline": 330, "smoke": 180, "determinism": 150}  # seconds; the last phase gets what is left
+# one run's own limit in the phases that run one after another: a run that hangs (a profiler around CUDA graphs
+# captured before it, say) or crawls must not take the time of the runs after it
+RUN_CAPS = {"profile": 120, "goal": 240}
+WARNED = {"compile_skipped_cudagraphs": "skipping cudagraphs",  # torch.compile ran the step without CUDA graphs
+          "nondeterministic_kernel_warned": "deterministic"}  # warn_only: a kernel without a deterministic version
 AT_ONCE = ("smoke", "full", "determinism")  # phases whose runs share the GPU; the others run alone, one by one
 RESERVE = 25  # seconds kept at the end for the summary and the archive
 FELL_BACK = "torch.compile failed"  # common.COMPILE_FELL_BACK (a test ties them; this file imports no torch)
@@ -275,9 +285,9 @@ def env_for(env_extra: dict, name: str) -> dict:
     return {k: v.replace("{name}", name) for k, v in env_extra.items()}
 
 
-def run_group(runs, env_extra: dict, cap: float, work: str, parallel: int) -> list[dict]:
-    """Start the runs (at most `parallel` at once), stop any still going at `cap` seconds; one log each,
-    env_extra as env_for makes it for each run."""
+def run_group(runs, env_extra: dict, cap: float, work: str, parallel: int, run_cap: float | None = None) -> list[dict]:
+    """Start the runs (at most `parallel` at once), stop any still going at `cap` seconds from the start, or
+    `run_cap` seconds from its own; one log each, env_extra as env_for makes it for each run."""
     threads = 1 if parallel > 1 else min(8, os.cpu_count() or 1)  # side by side: one host thread each
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
     pending, active, done, start = list(runs), [], [], time.time()
@@ -294,7 +304,7 @@ def run_group(runs, env_extra: dict, cap: float, work: str, parallel: int) -> li
         time.sleep(0.5)
         for item in list(active):
             name, argv, log, t0, proc = item
-            over = time.time() - start > cap
+            over = time.time() - start > cap or (run_cap is not None and time.time() - t0 > run_cap)
             if proc.poll() is None and not over:
                 continue
             if proc.poll() is None:
@@ -331,12 +341,23 @@ def first_difference(a: dict, b: dict) -> str:
     return ""
 
 
+def steady_rate(history: list[dict]) -> float | None:
+    """Steps/s from the first evaluation after step 0 to the last, evaluations included: a 300-step run's
+    speed.steps_per_s is mostly its cold compile (the first interval), which would hide what a mode costs."""
+    if len(history) < 3 or history[-1]["seconds"] <= history[1]["seconds"]:
+        return None
+    return round((history[-1]["step"] - history[1]["step"]) / (history[-1]["seconds"] - history[1]["seconds"]), 2)
+
+
 def describe(run: dict, work: str) -> dict:
     """The run's verdict, speed and last progress line, read from its folder."""
     folder = os.path.join(work, run["name"])
     lines = open(os.path.join(folder, "log.txt")).read().splitlines()
     run["last_line"] = next((ln for ln in reversed(lines) if ln.strip()), "")[:300]
     run["compile_fell_back"] = any(FELL_BACK in ln for ln in lines)  # a compile lever's run that ran eager
+    # warnings the log holds: with --deterministic a "no deterministic implementation" warning says a kernel
+    # stayed nondeterministic (warn_only), with CUDA graphs a "skipping cudagraphs" one that none were used
+    run.update({key: any(text in ln and "warn" in ln.lower() for ln in lines) for key, text in WARNED.items()})
     # the progress lines (common.progress_line), so that a run stopped at its cap still shows its curve
     run["history"] = [{"step": int(m.group(1)), "seconds": float(m.group(2)), "test_first_token": float(m.group(3))}
                       for m in map(PROGRESS.search, lines) if m]
@@ -350,6 +371,7 @@ def describe(run: dict, work: str) -> dict:
                             for h in res.get("history", [])])
         if run.get("phase") == "determinism":  # compared pairwise in the table
             run["science"] = science(res)
+            run["steady_steps_per_s"] = steady_rate(res.get("history", []))
     return run
 
 
@@ -379,9 +401,13 @@ def table(runs: list[dict]) -> str:
             continue
         diff = first_difference(a["science"], b["science"])
         speeds = " and ".join(f"{r['speed'].get('steps_per_s')}" for r in (a, b) if r.get("speed"))
+        steady = " and ".join(str(r.get("steady_steps_per_s")) for r in (a, b))
         rows.append(f"\n{arm}: same seed twice: " + (f"DIFFER, first at {diff}" if diff else "identical science "
                     f"({len(a['science']['history'])} evaluations, the metrics and the verdict value)")
-                    + f"; training steps/s {speeds}")
+                    + f"; training steps/s {speeds} (cold compile included); after the first evaluation {steady}")
+    for r in runs:
+        for key in (k for k in WARNED if r.get(k)):
+            rows.append(f"\n{r['name']}: its log warns {WARNED[key]!r} ({key}; log.txt in runs.tar.gz)")
     keep = ("steps_per_s", "examples_per_s", "model_tflops_per_s", "mfu", "speedup_vs_release", "warmup_seconds",
             "train_seconds", "eval_seconds", "seconds_to_95pct")
     for timed in (r for r in runs if r["phase"] in ("bench", "headline", "profile", "goal") and r.get("speed")):  # as recorded
@@ -467,23 +493,26 @@ def main(argv=None) -> int:
         print(f"[gpu_check] {phase}: {len(runs)} run(s), cap {cap:.0f} s", flush=True)
         parallel = min(args.parallel, LANES.get(phase, args.parallel)) if phase in AT_ONCE else 1
         t0 = time.time()
-        for r in run_group(runs, env, cap, args.work, parallel):
+        for r in run_group(runs, env, cap, args.work, parallel, RUN_CAPS.get(phase)):
             results.append(describe({"phase": phase, **r}, args.work) if r["status"] != "not started (cap)"
                            else {"phase": phase, **r, "last_line": ""})
         windows.append((phase, t0, time.time()))
     stop.set()
     sampler.join(timeout=15)
-    gpu = gpu_rows(samples, windows)
-    summary = table(results) + ("\n\nGPU by phase (nvidia-smi every 5 s; gpu_samples.csv in runs.tar.gz):\n" +
-                                "\n".join(gpu) if gpu else "")
+    with tarfile.open(os.path.join(args.out, "runs.tar.gz"), "w:gz") as tar:  # first: the logs come back whatever
+        for name in sorted(os.listdir(args.work)):  # the summary below may meet
+            if not name.startswith("inductor_cache"):
+                tar.add(os.path.join(args.work, name), arcname=name)
+    try:
+        gpu = gpu_rows(samples, windows)
+        summary = table(results) + ("\n\nGPU by phase (nvidia-smi every 5 s; gpu_samples.csv in runs.tar.gz):\n" +
+                                    "\n".join(gpu) if gpu else "")
+    except Exception:  # noqa: BLE001 - a summary bug must not cost the session its results: say it and go on
+        summary = "the summary failed (runs.tar.gz holds every run):\n" + traceback.format_exc()
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(f"gpu_check: {time.time() - start:.0f} s in all\n\n{summary}\n")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
-    with tarfile.open(os.path.join(args.out, "runs.tar.gz"), "w:gz") as tar:
-        for name in sorted(os.listdir(args.work)):
-            if not name.startswith("inductor_cache"):
-                tar.add(os.path.join(args.work, name), arcname=name)
     print(summary)
     return 0
 

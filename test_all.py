@@ -805,6 +805,25 @@ def test_gpu_check_rehearsal_and_caps(tmp_path):
     done = gpu_check.run_group([("a", sleeper), ("b", sleeper)], {}, 2.0, str(work), parallel=1)
     assert [(r["name"], r["status"]) for r in done] == [("a", "cap"), ("b", "not started (cap)")]
     assert done[0]["seconds"] < 10
+    # one run's own cap in a one-by-one phase: a hung run stops at it and the next one still runs
+    quick = [sys.executable, "-c", "print('done')"]
+    done = gpu_check.run_group([("a", sleeper), ("b", quick)], {}, 30.0, str(work), parallel=1, run_cap=2.0)
+    assert [(r["name"], r["status"]) for r in done] == [("a", "cap"), ("b", "rc=0")] and done[0]["seconds"] < 10
+    with open(work / "x" / "log.txt", "a") as log:  # warnings the summary names
+        log.write("UserWarning: skipping cudagraphs due to mutated inputs\n")
+    warned = gpu_check.describe({"phase": "goal", "name": "x", "status": "rc=0", "seconds": 1.0}, str(work))
+    assert warned["compile_skipped_cudagraphs"] and not warned["nondeterministic_kernel_warned"]
+    assert "x: its log warns 'skipping cudagraphs'" in gpu_check.table([warned])
+
+
+def test_gpu_check_keeps_the_runs_when_the_summary_fails(tmp_path, monkeypatch):
+    import gpu_check
+    monkeypatch.setattr(gpu_check, "table", lambda runs: 1 / 0)
+    out = tmp_path / "out"
+    assert gpu_check.main(["--cpu-rehearsal", "--stage", "1", "--only", "env", "--out", str(out),
+                           "--work", str(tmp_path / "work")]) == 0
+    assert sorted(os.listdir(out)) == ["runs.tar.gz", "summary.json", "summary.md"]
+    assert "ZeroDivisionError" in (out / "summary.md").read_text()
 
 
 def test_gpu_check_same_seed_comparison():
@@ -825,6 +844,10 @@ def test_gpu_check_same_seed_comparison():
     assert "same_seed: same seed twice: DIFFER, first at step 150: train_loss 2.5 against 2.4999" in parted
     final = gpu_check.table([run("deterministic_a", 2.5, 10.0), run("deterministic_b", 2.5, 10.0, value=0.6)])
     assert "DIFFER, first at the final metrics" in final
+    # the steps/s of a 300-step run is mostly its compile: the rate after the first evaluation is shown beside it
+    assert gpu_check.steady_rate([{"step": 0, "seconds": 0.0}, {"step": 150, "seconds": 60.0},
+                                  {"step": 300, "seconds": 65.0}]) == 30.0
+    assert gpu_check.steady_rate([{"step": 0, "seconds": 0.0}, {"step": 150, "seconds": 60.0}]) is None
     missing = {"phase": "determinism", "name": "same_seed_b", "status": "cap", "seconds": 150.0, "last_line": ""}
     assert "the second run of the seed has no results.json (cap)" in gpu_check.table([run("same_seed_a", 2.5, 1.0),
                                                                                        missing])
@@ -1502,7 +1525,8 @@ def test_gpu_check_stages_fit_their_call(tmp_path, monkeypatch):
     overloaded stage would stop its runs at the cap, their verdicts lost); the 'full' phase runs two at a time."""
     import gpu_check
     lanes = []
-    monkeypatch.setattr(gpu_check, "run_group", lambda runs, env, cap, work, parallel: lanes.append(parallel) or [])
+    monkeypatch.setattr(gpu_check, "run_group", lambda runs, env, cap, work, parallel, run_cap=None:
+                        lanes.append(parallel) or [])
     assert gpu_check.main(["--cpu-rehearsal", "--stage", "4", "--out", str(tmp_path / "o"),
                            "--work", str(tmp_path / "w")]) == 0
     assert lanes == [1, 2]  # env alone, then the three whole-budget runs two at a time
