@@ -737,8 +737,8 @@ def make_optimizer(model: nn.Module, tc: TrainConfig, device) -> torch.optim.Ada
     when tied; an untied head stays in this group so that untying changes only the tying): its LR is
     tc.embed_lr_mult x the schedule, its decay tc.weight_decay iff tc.decay_embeddings. AdamW's decay is
     decoupled and scaled by the group's LR (p <- p (1 - lr wd)), so the embedding also decays
-    embed_lr_mult times faster per step than the body at the same weight_decay. Every group carries its "lr_mult"; frozen parameters are left out; every trainable parameter
-    lands in exactly one group (asserted)."""
+    embed_lr_mult times faster per step than the body at the same weight_decay. Every group carries its
+    "lr_mult"; frozen parameters are left out; every trainable parameter lands in exactly one group (asserted)."""
     emb = {id(getattr(model, name).weight) for name in ("wte", "lm_head") if hasattr(model, name)}  # positions: body
     groups = {"body_decay": [], "body_no_decay": [], "embedding": []}
     seen = set()
