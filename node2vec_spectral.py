@@ -173,6 +173,10 @@ def study(g: C.Graph, cfg: Config, device) -> dict:
     return {"summary": summary, "history": hist, "V": V, "graph": g, "evecs": evecs}
 
 
+def nan_if_none(x: float | None) -> float:  # for printing a ratio that has no value (no rest band)
+    return float("nan") if x is None else x
+
+
 def graph_checks(first: dict, last: dict, cfg: Config) -> dict:
     """The claim's checks on one graph, from the first and last records of its training history."""
     if cfg.untied:  # the bottom band's share of U's energy grows from its random-init share
@@ -229,7 +233,7 @@ def draw_panels(axes, res, cfg):
     _lines(axes[2], steps, [h["projections"] for h in hist], s["eigenvalues"], trivial, top,
            f"||V^T e_i||: top-few energy {s['final_energy_top']:.3f}")
     _lines(axes[3], steps, [h["C_e"] for h in hist], s["eigenvalues"], trivial, top,
-           f"||C e_i||: top/rest {s['final_Ce_ratio'] or float('nan'):.3f}, ||CV||/(||C|| ||V||) {s['final_null_residual']:.1e}")
+           f"||C e_i||: top/rest {nan_if_none(s['final_Ce_ratio']):.3f}, ||CV||/(||C|| ||V||) {s['final_null_residual']:.1e}")
 
 
 def figure_graph(res, cfg, out):
@@ -277,7 +281,7 @@ def run(cfg: Config) -> dict:
         s = res["summary"]
         print(f"[{s['graph']}] top-few {s['top_indices']} energy {s['initial_energy_top']:.3f} -> {s['final_energy_top']:.3f} | "
               f"||CV||/(||C|| ||V||) {s['initial_null_residual']:.3f} -> {s['final_null_residual']:.1e} | Ce top/rest "
-              f"{s['final_Ce_ratio'] or float('nan'):.3f} | grad {s['initial_grad_norm']:.1f} -> {s['final_grad_norm']:.1e} | "
+              f"{nan_if_none(s['final_Ce_ratio']):.3f} | grad {s['initial_grad_norm']:.1f} -> {s['final_grad_norm']:.1e} | "
               f"C(0) vs -L {s['C0_vs_minus_L']:.1e} | top-k {s['final_edge_topk']:.2f} | {s['checks']}", flush=True)
         figure_graph(res, cfg, out)
         results.append(res)

@@ -414,7 +414,7 @@ def train_arm(cfg: Config, g, sets, model, device, tag: str = "") -> tuple[dict,
         final[f"mean_{key}"] = float(np.mean([h[key] for h in history[1:]] or [0.0]))
     train_sets = [edges, train_set] if cfg.recipe == "mixed" else [train_set]  # the sets of the (last) stage
     last_stage_steps = history[-1]["step"] - (cfg.edge_steps if cfg.recipe == "staged" else 0)  # < --steps if stopped
-    final["stopped_early_at_step"] = history[-1]["step"] if last_stage_steps < cfg.steps else None  # by --stop-at
+    final["stopped_early_at_step"] = history[-1]["step"] if history[-1].get("stopped_early") else None  # --stop-at
     speed = C.training_speed(model, train_sets, cfg.batch_size, last_stage_steps, history[-1]["train_seconds"])
     speed.update(mfu=mfu(speed, device), train_seconds=train_seconds, eval_seconds=eval_seconds,
                  # one evaluation against the eval_every training steps it interrupts (kept under 10%)
